@@ -1,0 +1,93 @@
+"""The `sdrun` console script: subcommands, and one-line errors instead of tracebacks.
+
+`sdrun train ...` hands the rest of the command line to Hydra unchanged, so overrides,
+`-m` multirun, `--cfg job`, `--help` and `hydra.run.dir=...` all work as in any Hydra app.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: sdrun <command> [args]
+
+Reproduce "Deep Networks with Stochastic Depth" (Huang et al., ECCV 2016).
+
+commands:
+  train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
+
+examples:
+  sdrun train                              # the offline digits demo
+  sdrun train dataset=cifar10 pL=0.5       # the paper's CIFAR-10 run (ResNet-110, 500 epochs)
+  sdrun train -m dataset=cifar10 pL=0.1,0.2,0.5,1.0
+"""
+
+
+def _hydra_train() -> None:
+    import hydra
+
+    from sdrun.config import register_configs
+
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path="pkg://sdrun.conf", config_name="train")
+    def app(cfg) -> float | None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from sdrun.train import train
+
+        hc = HydraConfig.get()
+        multirun = hc.mode.name == "MULTIRUN"
+        progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
+        results = train(cfg, hc.runtime.output_dir, progress=progress)
+        return results["test_error_at_best_val_pct"]
+
+    app()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message folded onto one line (Hydra and OmegaConf messages span several)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+    return " ".join(lines) or type(exc).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sdrun.config import ConfigError
+    from sdrun.data import DataError
+    return ConfigError, DataError, HydraException, OmegaConfBaseException, FloatingPointError
+
+
+def run_train(argv: list[str]) -> int:
+    # Hydra prints multi-line reports for composition errors; we want one line, so we ask it
+    # to raise and format the error ourselves. HYDRA_FULL_ERROR=1 from the user still shows
+    # the full traceback.
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = ["sdrun train", *argv]
+    try:
+        _hydra_train()
+    except _user_errors() as e:
+        if user_full_error:
+            raise
+        print(f"sdrun train: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"train": run_train}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sdrun: error: unknown command {command!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(COMMANDS[command](rest))

@@ -1,0 +1,266 @@
+"""Datasets as uint8 tensors, the paper's normalisation, and batches made on the device.
+
+Small-image datasets (CIFAR, digits; SVHN later) are read once with torchvision's real
+readers, kept as uint8 (N, C, H, W) on the training device, and every training batch is
+gathered, normalised, translated and flipped there with batched tensor ops (as airbench
+does): no per-image Python and no DataLoader workers in the training loop.
+
+Order and augmentation come from one dedicated CPU generator, so the batches of a run
+are the same on the CPU and on a GPU, and restorable from a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdrun.rng import cpu_generator
+
+
+class DataError(RuntimeError):
+    """Missing or unreadable data; the CLI prints the message on one line."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class ImageData:
+    train: Split
+    val: Split | None
+    test: Split
+    classes: list[str]
+
+
+# ---------------------------------------------------------------- readers
+
+def _nhwc_to_split(images: np.ndarray, labels) -> Split:
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return Split(x, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
+
+
+def _without_md5(cls):
+    """torchvision's reader with its checksum check reduced to 'the files exist'.
+
+    Only used with dataset.check_md5=false: for files that are in the official format
+    but are not the official files (the test suite's small fixtures, re-exports).
+    """
+    attrs = {}
+    for name in ("train_list", "test_list"):
+        if hasattr(cls, name):
+            attrs[name] = [[f, None] for f, _ in getattr(cls, name)]
+    if hasattr(cls, "meta"):
+        attrs["meta"] = {**cls.meta, "md5": None}
+    if hasattr(cls, "split_list"):
+        attrs["split_list"] = {k: [url, f, None] for k, (url, f, _) in cls.split_list.items()}
+    return type(f"Unchecked{cls.__name__}", (cls,), attrs)
+
+
+def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, list[int], list[str]]:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(folder))
+    if len(ds) == 0:
+        raise DataError(f"no images found under {folder}")
+    images = np.empty((len(ds), size, size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(ds.samples):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                raise DataError(f"{path} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
+            images[i] = np.asarray(im)
+    return images, list(ds.targets), list(ds.classes)
+
+
+def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
+    """CIFAR-10/100 from torchvision's pickle batches, or from an image-folder export."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
+    root = Path(cfg.root)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "imagefolder" if (root / "train").is_dir() and not (root / cls.base_folder).is_dir() else "pickle"
+    if fmt == "imagefolder":
+        if not (root / "train").is_dir() or not (root / "test").is_dir():
+            raise DataError(f"{cfg.name}: expected image folders {root}/train/<class>/*.png|jpg and "
+                            f"{root}/test/<class>/...; set dataset.root")
+        tr_x, tr_y, classes = _read_image_folder(root / "train", cfg.image_size)
+        te_x, te_y, te_classes = _read_image_folder(root / "test", cfg.image_size)
+        if te_classes != classes:
+            raise DataError(f"{root}/train and {root}/test have different class folders")
+        return _nhwc_to_split(tr_x, tr_y), _nhwc_to_split(te_x, te_y), classes
+    if fmt != "pickle":
+        raise DataError(f"dataset.format={fmt!r}: expected auto, pickle or imagefolder")
+    reader = cls if cfg.check_md5 else _without_md5(cls)
+    files = [f for f, _ in cls.train_list + cls.test_list]
+    try:
+        train = reader(str(root), train=True, download=cfg.download)
+        test = reader(str(root), train=False, download=False)
+    except RuntimeError as e:
+        raise DataError(f"{cfg.name} not found or corrupt under {root}/{cls.base_folder} "
+                        f"(needs {', '.join(files)}; set dataset.root=DIR, or dataset.download=true "
+                        f"where the network allows): {e}") from None
+    except Exception as e:  # unpickling errors of truncated or foreign files
+        raise DataError(f"cannot read {cfg.name} under {root}/{cls.base_folder}: {type(e).__name__}: {e}") from None
+    return _nhwc_to_split(train.data, train.targets), _nhwc_to_split(test.data, test.targets), list(train.classes)
+
+
+def load_digits_data(size: int) -> tuple[Split, Split, list[str]]:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside the package).
+
+    Brought to the CIFAR input shape: 0..16 grey levels scaled to 0..255, bilinearly
+    resized to size x size, repeated over 3 channels. The last 360 images (20 %) are the
+    fixed test set, so the test set does not move with the seed.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255.0 / 16.0)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    n_test = 360
+    classes = [str(c) for c in range(10)]
+    return Split(x[:-n_test], y[:-n_test]), Split(x[-n_test:], y[-n_test:]), classes
+
+
+def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split | None]:
+    """Hold out val_size training images, chosen with the run seed (the paper's 45k/5k split)."""
+    if val_size == 0:
+        return train, None
+    if val_size >= len(train):
+        raise DataError(f"dataset.val_size={val_size} leaves no training images (the split has {len(train)})")
+    perm = torch.randperm(len(train), generator=cpu_generator(seed, "split"))
+    val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
+    return (Split(train.images[train_idx], train.labels[train_idx]),
+            Split(train.images[val_idx], train.labels[val_idx]))
+
+
+def load_image_data(cfg, seed: int) -> ImageData:
+    if cfg.name in ("cifar10", "cifar100"):
+        train, test, classes = load_cifar(cfg)
+    elif cfg.name == "digits":
+        train, test, classes = load_digits_data(cfg.image_size)
+    else:
+        raise DataError(f"unknown dataset {cfg.name!r}")
+    if len(classes) != cfg.num_classes:
+        raise DataError(f"{cfg.name} has {len(classes)} classes but dataset.num_classes={cfg.num_classes}")
+    train, val = split_validation(train, cfg.val_size, seed)
+    return ImageData(train, val, test, classes)
+
+
+# ---------------------------------------------------------------- normalisation and batches
+
+class Normalizer:
+    """Subtract the per-pixel mean image, divide by one global std (both from the training split).
+
+    The std is that of the mean-subtracted training pixels. Zero after normalisation is
+    the mean image, so zero-filled translation fills with the mean, as in the paper.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: float):
+        self.mean = mean.float()  # (C, H, W)
+        self.std = float(std)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, chunk: int = 8192) -> "Normalizer":
+        total = torch.zeros(images.shape[1:], dtype=torch.float64)
+        for i in range(0, len(images), chunk):
+            total += images[i:i + chunk].cpu().double().sum(0)
+        mean = total / len(images)
+        sq = 0.0
+        for i in range(0, len(images), chunk):
+            sq += ((images[i:i + chunk].cpu().double() - mean) ** 2).sum().item()
+        return cls(mean, (sq / images.numel()) ** 0.5)
+
+    def to(self, device) -> "Normalizer":
+        return Normalizer(self.mean.to(device), self.std)
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return (images_u8.float() - self.mean) / self.std
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "std": self.std}
+
+
+def translate_and_flip(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor,
+                       flip: torch.Tensor, pad: int) -> torch.Tensor:
+    """Batched: out[n] = flip_n(crop of zero-padded x[n] at offset (pad+shift_y, pad+shift_x)).
+
+    Equivalent to torchvision's RandomCrop(size, padding=pad) followed by
+    RandomHorizontalFlip, with the per-image parameters given instead of drawn.
+    """
+    n, c, h, w = x.shape
+    if pad == 0 and not bool(flip.any()):
+        return x
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    rows = (shift_y + pad).to(dev)[:, None] + torch.arange(h, device=dev)
+    cols = (shift_x + pad).to(dev)[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip.to(dev)[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n, device=dev)[:, None, None, None],
+                  torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TrainBatches:
+    """One epoch of shuffled, normalised, augmented batches from a device-resident split."""
+
+    def __init__(self, split: Split, normalizer: Normalizer, batch_size: int, translate: int,
+                 flip: bool, seed: int, max_steps: int | None = None, channels_last: bool = False):
+        self.split, self.normalizer = split, normalizer
+        self.batch_size, self.translate, self.flip = batch_size, translate, flip
+        self.max_steps, self.channels_last = max_steps, channels_last
+        self.generator = cpu_generator(seed, "data")
+
+    def __len__(self) -> int:
+        steps = -(-len(self.split) // self.batch_size)  # the last, smaller batch is kept
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g, t = self.generator, self.translate
+        device = self.split.images.device
+        order = torch.randperm(len(self.split), generator=g)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            n = len(idx)
+            shift_y = torch.randint(-t, t + 1, (n,), generator=g)
+            shift_x = torch.randint(-t, t + 1, (n,), generator=g)
+            flip = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+            idx = idx.to(device, non_blocking=True)
+            x = self.normalizer(self.split.images[idx])
+            x = translate_and_flip(x, shift_y, shift_x, flip, t)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.split.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def eval_batches(split: Split, normalizer: Normalizer, batch_size: int,
+                 channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i in range(0, len(split), batch_size):
+        x = normalizer(split.images[i:i + batch_size])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, split.labels[i:i + batch_size]

@@ -1,0 +1,62 @@
+"""Atomic file writes: a crash mid-write leaves the previous version intact.
+
+Write to a temporary file in the same directory, fsync it, then rename over the target
+(rename is atomic within a filesystem on POSIX).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, IO
+
+import torch
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load with weights_only=True: tensors and plain containers only, never pickled code."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

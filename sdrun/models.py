@@ -1,0 +1,112 @@
+"""ResNets whose residual blocks are `StochasticResidual` units.
+
+The model knows nothing about how gates are drawn: `forward(x, gates)` takes one gate per
+block (True = run, False = drop, None = test rule) and `forward(x)` is the test-time network.
+Block types only provide a residual branch and a shortcut, so every family shares the
+same stochastic-depth mechanism (sdrun.stochastic).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdrun.stochastic import StochasticResidual, run_blocks, survival_probs
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def basic_branch(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN (post-activation ResNet; ReLU comes after the add)."""
+    return nn.Sequential(
+        conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        conv3x3(cout, cout), nn.BatchNorm2d(cout),
+    )
+
+
+class PadShortcut(nn.Module):
+    """Parameter-free transition shortcut ("option A"): downsample, then zero-pad new channels.
+
+    pool="avg": 2x2 average with stride 2 (the paper; the reference code since its 2017 fix).
+    pool="subsample": 1x1 stride-2 subsampling (the reference code when the paper's numbers
+    were produced).
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, pool: str = "avg"):
+        super().__init__()
+        if pool not in ("avg", "subsample"):
+            raise ValueError(f"unknown shortcut pool {pool!r}; expected 'avg' or 'subsample'")
+        self.extra_channels = cout - cin
+        self.stride = stride
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            if self.pool == "avg":
+                x = F.avg_pool2d(x, kernel_size=self.stride, stride=self.stride)
+            else:
+                x = x[:, :, ::self.stride, ::self.stride]
+        if self.extra_channels:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra_channels))
+        return x
+
+
+class CifarResNet(nn.Module):
+    """The 6n+2-layer ResNet of He et al. for 32x32 inputs (CIFAR, SVHN), with L = 3n blocks."""
+
+    def __init__(self, depth: int, num_classes: int, p_last: float = 0.5, rule: str = "linear",
+                 scaling: str = "paper", shortcut_pool: str = "avg", in_channels: int = 3):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.stem = nn.Sequential(conv3x3(in_channels, 16), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        probs = survival_probs(3 * n, p_last, rule)
+        blocks, cin = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                shortcut = (PadShortcut(cin, width, stride, shortcut_pool)
+                            if stride != 1 or cin != width else nn.Identity())
+                blocks.append(StochasticResidual(basic_branch(cin, width, stride), shortcut,
+                                                 probs[len(blocks)], scaling))
+                cin = width
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(64, num_classes)
+        init_weights(self)
+
+    @property
+    def survival_probs(self) -> list[float]:
+        return [b.survival_prob for b in self.blocks]
+
+    def forward(self, x: torch.Tensor, gates: Sequence[bool | None] | None = None) -> torch.Tensor:
+        x = run_blocks(self.blocks, self.stem(x), gates)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def init_weights(model: nn.Module) -> None:
+    """He normal (fan-in, ReLU gain) for convolutions, BN to identity; Linear keeps PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def first_conv(block: StochasticResidual) -> nn.Conv2d:
+    """The first convolution of a block's residual branch (the paper's Fig. 7 looks at block 1's)."""
+    return next(m for m in block.branch.modules() if isinstance(m, nn.Conv2d))
+
+
+def build_model(arch: str, depth: int, num_classes: int, p_last: float, rule: str,
+                scaling: str = "paper", shortcut_pool: str = "avg") -> nn.Module:
+    if arch == "cifar_resnet":
+        return CifarResNet(depth, num_classes, p_last, rule, scaling, shortcut_pool)
+    raise ValueError(f"unknown architecture {arch!r}")
