@@ -39,17 +39,32 @@ def _hydra_train() -> None:
         hc = HydraConfig.get()
         multirun = hc.mode.name == "MULTIRUN"
         progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
-        results = train(cfg, hc.runtime.output_dir, progress=progress)
+        try:
+            results = train(cfg, hc.runtime.output_dir, progress=progress)
+        except _user_errors() as e:
+            # In a sweep, raise: Hydra finishes the other jobs, then reports which one failed.
+            if multirun or _USER_FULL_ERROR:
+                raise
+            _print_error(e)
+            raise SystemExit(2) from None
         return results["test_error_at_best_val_pct"]
 
     app()
 
 
+_NOISE = ("full_key:", "object_type=", "reference_type=", "provider=", "Config search path")
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception's message folded onto one line (Hydra and OmegaConf messages span several)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
-    return " ".join(lines) or type(exc).__name__
+    """An exception's message (and its cause's) folded onto one line, without Hydra's
+    search-path dump or OmegaConf's key/type trailer."""
+    parts = []
+    for e in (exc, exc.__cause__):
+        if e is None:
+            continue
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        parts += [line for line in lines if not line.startswith(_NOISE)]
+    return " ".join(parts) or type(exc).__name__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -61,19 +76,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, HydraException, OmegaConfBaseException, FloatingPointError
 
 
+def _print_error(e: BaseException) -> None:
+    print(f"sdrun train: error: {one_line(e)}", file=sys.stderr)
+
+
+# Hydra prints multi-line reports for composition errors; we want one line, so we ask it to
+# raise and format the error ourselves. HYDRA_FULL_ERROR=1 from the user still shows the
+# full traceback.
+_USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 def run_train(argv: list[str]) -> int:
-    # Hydra prints multi-line reports for composition errors; we want one line, so we ask it
-    # to raise and format the error ourselves. HYDRA_FULL_ERROR=1 from the user still shows
-    # the full traceback.
-    user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]
     try:
         _hydra_train()
     except _user_errors() as e:
-        if user_full_error:
+        if _USER_FULL_ERROR:
             raise
-        print(f"sdrun train: error: {one_line(e)}", file=sys.stderr)
+        _print_error(e)
         return 2
     return 0
 
