@@ -34,13 +34,20 @@ def _hydra_train() -> None:
     def app(cfg) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
-        from sdrun.train import train
+        from sdrun.runs import AlreadyFinished
+        from sdrun.train import Interrupted, train
 
         hc = HydraConfig.get()
         multirun = hc.mode.name == "MULTIRUN"
         progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
         try:
             results = train(cfg, hc.runtime.output_dir, progress=progress)
+        except AlreadyFinished as e:  # a requeued job whose run is done: nothing to do
+            print(f"sdrun train: {e}", file=sys.stderr)
+            return None
+        except Interrupted as e:  # preemption or Ctrl-C: stop the whole sweep too
+            print(f"sdrun train: {e}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None  # the shell's convention
         except _user_errors() as e:
             # In a sweep, raise: Hydra finishes the other jobs, then reports which one failed.
             if multirun or _USER_FULL_ERROR:
@@ -73,11 +80,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from sdrun.config import ConfigError
     from sdrun.data import DataError
-    return ConfigError, DataError, HydraException, OmegaConfBaseException, FloatingPointError
+    from sdrun.io import OutputError
+    from sdrun.runs import CheckpointError
+    return (ConfigError, DataError, CheckpointError, OutputError, HydraException, OmegaConfBaseException,
+            FloatingPointError)
 
 
-def _print_error(e: BaseException) -> None:
-    print(f"sdrun train: error: {one_line(e)}", file=sys.stderr)
+def _print_error(e: BaseException, note: str = "") -> None:
+    print(f"sdrun train: error: {one_line(e)}{note}", file=sys.stderr)
 
 
 # Hydra prints multi-line reports for composition errors; we want one line, so we ask it to
@@ -89,14 +99,36 @@ _USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 def run_train(argv: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]
+    from sdrun.runs import AlreadyFinished, GuardStop
+
     try:
-        _hydra_train()
+        try:
+            _hydra_train()
+        except GuardStop as stop:  # raised before Hydra wrote anything into the run directory
+            raise stop.error from None
+    except AlreadyFinished as e:
+        print(f"sdrun train: {e}", file=sys.stderr)
+        return 0
     except _user_errors() as e:
         if _USER_FULL_ERROR:
             raise
-        _print_error(e)
+        _print_error(e, sweep_note())
         return 2
     return 0
+
+
+def sweep_note() -> str:
+    """For a sweep that ended with failed jobs: how many, and where the summary is."""
+    import json
+
+    from sdrun import runs
+
+    if runs.LAST_SWEEP_SUMMARY is None:
+        return ""
+    jobs = json.loads(runs.LAST_SWEEP_SUMMARY.read_text())["jobs"]
+    failed = [f"job {j['num']} ({','.join(j['overrides'])})" for j in jobs if j["status"] == "failed"]
+    return (f" [sweep: {len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}; the others' results "
+            f"are kept; see {runs.LAST_SWEEP_SUMMARY}]")
 
 
 COMMANDS = {"train": run_train}

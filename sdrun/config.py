@@ -89,6 +89,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
+    resume: Optional[str] = None  # a run dir or its checkpoint.pt: continue that run in place
 
 
 def register_configs() -> None:
@@ -131,6 +132,10 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append(f"model.shortcut_pool={cfg.model.shortcut_pool!r} must be 'avg' or 'subsample'")
     if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
         problems.append(f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    elif str(cfg.device).startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            problems.append(f"device={cfg.device} but CUDA is not available here (use device=cpu or auto)")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -117,8 +117,23 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
                         f"(needs {', '.join(files)}; set dataset.root=DIR, or dataset.download=true "
                         f"where the network allows): {e}") from None
     except Exception as e:  # unpickling errors of truncated or foreign files
-        raise DataError(f"cannot read {cfg.name} under {root}/{cls.base_folder}: {type(e).__name__}: {e}") from None
+        where = _first_unreadable_pickle(root / cls.base_folder, files) or root / cls.base_folder
+        raise DataError(f"cannot read {cfg.name}: {where} is not a CIFAR pickle batch "
+                        f"({type(e).__name__}: {e})") from None
     return _nhwc_to_split(train.data, train.targets), _nhwc_to_split(test.data, test.targets), list(train.classes)
+
+
+def _first_unreadable_pickle(folder: Path, files: list[str]) -> Path | None:
+    """Which of the batch files is broken (only called once reading has already failed)."""
+    import pickle
+
+    for name in files:
+        try:
+            with open(folder / name, "rb") as f:
+                pickle.load(f, encoding="latin1")
+        except Exception:
+            return folder / name
+    return None
 
 
 def load_digits_data(size: int) -> tuple[Split, Split, list[str]]:

@@ -6,6 +6,7 @@ Write to a temporary file in the same directory, fsync it, then rename over the 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -18,8 +19,22 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class OutputError(OSError):
+    """An output could not be written (full disk, permissions); the previous version is intact."""
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"could not write {path}: {e.strerror or e}; "
+                          f"its previous version, if any, is intact") from e
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
@@ -47,7 +62,11 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    # Serialise in memory first: torch.save on a failing file reports a disk error as an
+    # opaque RuntimeError from its zip writer; writing the bytes ourselves keeps the OSError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -60,3 +79,14 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
+    """Atomically keep only the JSON lines for which keep(record) is true (no-op if absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if keep(json.loads(line))]
+    if len(kept) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))

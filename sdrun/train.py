@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import random
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,9 +28,12 @@ from tqdm import tqdm
 
 from sdrun.config import Toggle, to_plain, validate
 from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
-from sdrun.io import append_jsonl, save_checkpoint, write_json
+import numpy as np
+
+from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
+from sdrun.runs import CHECKPOINT, check_run_dir
 from sdrun.stochastic import GateSampler, expected_active_blocks
 
 log = logging.getLogger("sdrun")
@@ -45,10 +51,7 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            from sdrun.config import ConfigError
-            raise ConfigError(f"device={cfg.device} but CUDA is not available here (use device=cpu or auto)")
+        device = torch.device(cfg.device)  # validate() checked that CUDA is there if asked for
     on_cuda = device.type == "cuda"
     bf16 = {Toggle.on: True, Toggle.off: False,
             Toggle.auto: on_cuda and torch.cuda.is_bf16_supported()}[cfg.bf16]
@@ -116,10 +119,61 @@ def software_versions() -> dict:
             "platform": platform.platform()}
 
 
+class Interrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; the last completed epoch's checkpoint is on disk."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """Turn SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers only work there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_state() -> dict:
+    """Every global RNG a run could touch (python, numpy, torch CPU and CUDA), weights_only-safe."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume_state = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
     rt = resolve_runtime(cfg)
     seed_global(cfg.seed)
 
@@ -140,9 +194,27 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     num_blocks = len(model.survival_probs)
     expected_depth = expected_active_blocks(model.survival_probs)
 
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(run_dir))
+    best = {"val_error_pct": math.inf, "epoch": None, "test_error_pct": None}
+    start_epoch, train_time, active_total, steps_total, record = 0, 0.0, 0, 0, None
     metrics_path = run_dir / "metrics.jsonl"
+    if resume_state is not None:
+        # Continue exactly where the last completed epoch left off: every piece of state that
+        # the next step depends on comes back, so the numbers match an uninterrupted run.
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        gates.load_state_dict(resume_state["gates"])
+        batches.load_state_dict(resume_state["data"])
+        set_rng_state(resume_state["rng"])
+        best, record = resume_state["best"], resume_state["last_record"]
+        start_epoch, steps_total = resume_state["epoch"], resume_state["step"]
+        train_time, active_total = resume_state["train_time_s"], resume_state["active_total"]
+        # metrics.jsonl may hold lines of an epoch whose checkpoint was never written: drop them.
+        rewrite_jsonl(metrics_path, lambda r: r["epoch"] <= start_epoch)
+        log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, steps_total)
+
+    from torch.utils.tensorboard import SummaryWriter
+    # purge_step hides points a killed attempt logged after the checkpoint (x-axis: epochs).
+    writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
     log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", cfg.pL, cfg.survival.value,
@@ -150,85 +222,96 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     log.info("data: %d train / %d val / %d test images; expected active blocks %.2f of %d",
              len(data.train), len(data.val) if data.val else 0, len(data.test), expected_depth, num_blocks)
 
-    best = {"val_error_pct": math.inf, "epoch": None, "test_error_pct": None}
-    train_time = 0.0
-    active_total, steps_total = 0, 0
+
     wall_start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        lr = lr_at(epoch, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            e = epoch + 1  # 1-based epoch number used in logs, metrics and TensorBoard
+            lr = lr_at(epoch, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # ---- one training epoch; statistics accumulate on the device (no per-step sync)
-        model.train()
-        loss_sum = torch.zeros((), device=rt.device)
-        wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
-        seen, active = 0, 0
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        t0 = time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
-        for x, y in bar:
-            step_gates = gates.draw()
-            with autocast(rt):
-                out = model(x, step_gates)
-                loss = F.cross_entropy(out, y)
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().float() * len(y)
-            wrong += (out.detach().argmax(1) != y).sum()
-            seen += len(y)
-            active += sum(step_gates)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        epoch_time = time.perf_counter() - t0
-        train_time += epoch_time
-        steps = len(batches)
-        active_total += active
-        steps_total += steps
-        train_loss = loss_sum.item() / seen
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}; "
-                                     f"the last good checkpoint is {run_dir / 'checkpoint.pt'}")
+            # ---- one training epoch; statistics accumulate on the device (no per-step sync)
+            model.train()
+            loss_sum = torch.zeros((), device=rt.device)
+            wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
+            first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
+            seen, active = 0, 0
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            t0 = time.perf_counter()
+            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not progress)
+            for step, (x, y) in enumerate(bar, start=1):
+                step_gates = gates.draw()
+                with autocast(rt):
+                    out = model(x, step_gates)
+                    loss = F.cross_entropy(out, y)
+                optimizer.zero_grad(set_to_none=False)
+                loss.backward()
+                optimizer.step()
+                loss = loss.detach().float()
+                # Remember the first step with a non-finite loss without syncing; checked below.
+                first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
+                                             step, first_bad_step)
+                loss_sum += loss * len(y)
+                wrong += (out.detach().argmax(1) != y).sum()
+                seen += len(y)
+                active += sum(step_gates)
+                if stop.received is not None:
+                    break
+            bar.close()
+            if stop.received is not None:
+                # Abandon the partial epoch: resuming redoes it from the last checkpoint, which
+                # keeps the numbers identical to an uninterrupted run.
+                raise Interrupted(f"stopped by {signal.Signals(stop.received).name} in epoch {e}; "
+                                  + (f"{run_dir / CHECKPOINT} holds epoch {epoch}. " if epoch and cfg.checkpoint
+                                     else "no epoch was completed. ")
+                                  + "Run the same command again to resume.", stop.received)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            epoch_time = time.perf_counter() - t0
+            bad = int(first_bad_step.item())
+            if bad >= 0:
+                raise FloatingPointError(
+                    f"non-finite training loss at epoch {e}, step {bad} (global step {steps_total + bad}); "
+                    + (f"the last good checkpoint is {run_dir / CHECKPOINT} (epoch {epoch})"
+                       if epoch and cfg.checkpoint else "no checkpoint was written"))
+            steps = len(batches)
+            train_time += epoch_time
+            active_total += active
+            steps_total += steps
 
-        # ---- evaluation (excluded from the training time), best-val bookkeeping
-        val_err = evaluate(model, eval_batches(val_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt) \
-            if val_split is not None else None
-        test_err = evaluate(model, eval_batches(test_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
-        if val_err is None or val_err < best["val_error_pct"]:
-            best = {"val_error_pct": val_err, "epoch": epoch + 1, "test_error_pct": test_err}
+            # ---- evaluation (excluded from the training time), best-val bookkeeping
+            val_err = (evaluate(model, eval_batches(val_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
+                       if val_split is not None else None)
+            test_err = evaluate(model, eval_batches(test_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
+            if val_err is None or val_err < best["val_error_pct"]:
+                best = {"val_error_pct": val_err, "epoch": e, "test_error_pct": test_err}
 
-        record = {"epoch": epoch + 1, "step": steps_total, "lr": lr, "train_loss": train_loss,
-                  "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
-                  "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
-                  "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
-        append_jsonl(metrics_path, record)
-        e = epoch + 1
-        writer.add_scalar("loss/train", record["train_loss"], e)
-        writer.add_scalar("error/train", record["train_error_pct"], e)
-        if val_err is not None:
-            writer.add_scalar("error/val", val_err, e)
-        writer.add_scalar("error/test", test_err, e)
-        writer.add_scalar("lr", lr, e)
-        writer.add_scalar("time/epoch_train_s", epoch_time, e)
-        writer.add_scalar("throughput/train_images_per_s", record["images_per_s"], e)
-        writer.add_scalar("depth/active_blocks_mean", record["active_blocks_mean"], e)
-        writer.add_scalar("depth/active_blocks_expected", expected_depth, e)
-        writer.flush()
-        log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s | "
-                 "blocks %.2f/%.2f", e, cfg.epochs, lr, train_loss, record["train_error_pct"],
-                 "-" if val_err is None else f"{val_err:.2f}%", test_err, epoch_time,
-                 record["images_per_s"], record["active_blocks_mean"], expected_depth)
+            record = {"epoch": e, "step": steps_total, "lr": lr, "train_loss": loss_sum.item() / seen,
+                      "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
+                      "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
+                      "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
+            log_epoch(writer, record, expected_depth)
+            log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s"
+                     " | blocks %.2f/%.2f", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
+                     "-" if val_err is None else f"{val_err:.2f}%", test_err, epoch_time,
+                     record["images_per_s"], record["active_blocks_mean"], expected_depth)
 
-        if cfg.checkpoint:
-            save_checkpoint(run_dir / "checkpoint.pt", {
-                "epoch": e, "step": steps_total, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "gates": gates.state_dict(),
-                "data": batches.state_dict(), "torch_rng": torch.get_rng_state(),
-                "normalizer": normalizer.state_dict(), "best": best,
-                "train_time_s": train_time, "active_total": active_total, "steps_total": steps_total,
-                "config": to_plain(cfg)})
+            # metrics.jsonl first, checkpoint second: a kill in between leaves a line that the
+            # resumed run drops (it resumes from the previous checkpoint and redoes the epoch).
+            append_jsonl(metrics_path, record)
+            if cfg.checkpoint:
+                save_checkpoint(run_dir / CHECKPOINT, {
+                    "epoch": e, "step": steps_total, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "gates": gates.state_dict(),
+                    "data": batches.state_dict(), "rng": rng_state(),
+                    "normalizer": normalizer.state_dict(), "best": best, "last_record": record,
+                    "train_time_s": train_time, "active_total": active_total,
+                    "config": to_plain(cfg)})
+            if stop.received is not None:
+                raise Interrupted(f"stopped by {signal.Signals(stop.received).name} after epoch {e}; "
+                                  f"run the same command again to resume.", stop.received)
 
     results = {
         "status": "finished",
@@ -237,17 +320,31 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "test_error_at_best_val_pct": best["test_error_pct"],
         "best_val_error_pct": best["val_error_pct"], "best_val_epoch": best["epoch"],
         "selection": "best_val" if val_split is not None else "last_epoch",
-        "final_test_error_pct": test_err,
+        "final_test_error_pct": record["test_error_pct"],
         "train_time_s": train_time, "train_time_per_epoch_s": train_time / cfg.epochs,
         "wall_time_s": time.perf_counter() - wall_start,
         "expected_active_blocks": expected_depth,
         "measured_active_blocks": active_total / steps_total,
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
         "config": to_plain(cfg), "versions": software_versions(),
-        "command": sys.argv,
     }
     write_json(run_dir / "results.json", results)
     writer.close()
     log.info("done: test error %.2f%% at best val epoch %s (final %.2f%%), training time %.1fs",
-             results["test_error_at_best_val_pct"], results["best_val_epoch"], test_err, train_time)
+             results["test_error_at_best_val_pct"], results["best_val_epoch"], record["test_error_pct"], train_time)
     return results
+
+
+def log_epoch(writer, record: dict, expected_depth: float) -> None:
+    """One point per epoch for each scalar; the x-axis is the 1-based epoch."""
+    e = record["epoch"]
+    scalars = {"loss/train": record["train_loss"], "error/train": record["train_error_pct"],
+               "error/val": record["val_error_pct"], "error/test": record["test_error_pct"],
+               "lr": record["lr"], "time/epoch_train_s": record["epoch_train_time_s"],
+               "throughput/train_images_per_s": record["images_per_s"],
+               "depth/active_blocks_mean": record["active_blocks_mean"],
+               "depth/active_blocks_expected": expected_depth}
+    for tag, value in scalars.items():
+        if value is not None:
+            writer.add_scalar(tag, value, e)
+    writer.flush()

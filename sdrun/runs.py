@@ -1,0 +1,153 @@
+"""Run directories: is this one new, resumable or finished, and does it belong to this config?
+
+Also the two Hydra callbacks that use these checks:
+- `RunDirGuard.on_run_start` checks a single run's directory *before* Hydra writes its
+  .hydra/ snapshot into it, so a bad invocation never touches an existing run.
+- `RunDirGuard.on_job_end` keeps `sweep_summary.json` in a multirun's sweep directory,
+  so a failed job is recorded with its overrides and error while the others finish.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sdrun.config import ConfigError, to_plain, validate
+from sdrun.io import load_checkpoint, write_json
+
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+
+# Settings that may differ between the attempts of one run without changing its numbers.
+RUNTIME_ONLY = {"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume",
+                "dataset.root", "dataset.download", "dataset.check_md5"}
+
+
+class AlreadyFinished(Exception):
+    """The run directory holds a finished run: nothing to do (requeue-friendly, exit 0)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, unsafe or from another config."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in a.keys() | b.keys() if k not in RUNTIME_ONLY and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint safely (weights_only) with a one-line reason when it cannot be used."""
+    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is not a readable checkpoint (not a torch.save archive)")
+    try:
+        return load_checkpoint(path)
+    except pickle.UnpicklingError as e:
+        # torch names the offending global ("... unsupported GLOBAL posix.system whose module ...").
+        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain data; "
+                              f"refusing to load it with weights_only=True" + (f" ({detail})" if detail else "")) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as e:  # truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+
+
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """Return the checkpoint to resume from (None for a new run), or raise.
+
+    Raises AlreadyFinished when results.json says the run is done, and CheckpointError
+    when the directory's checkpoint belongs to another config.
+    """
+    run_dir = Path(run_dir)
+    results = run_dir / RESULTS
+    if results.is_file():
+        try:
+            status = json.loads(results.read_text()).get("status")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            status = None
+        if status == "finished":
+            raise AlreadyFinished(f"{run_dir} already holds a finished run ({results}); nothing to do. "
+                                  f"Pick another hydra.run.dir to train again.")
+    ckpt_path = run_dir / CHECKPOINT
+    if not ckpt_path.is_file():
+        return None
+    state = read_checkpoint(ckpt_path)
+    if not isinstance(state, dict) or "config" not in state or "epoch" not in state:
+        raise CheckpointError(f"{ckpt_path} is not an sdrun training checkpoint")
+    diffs = config_differences(state["config"], to_plain(cfg))
+    if diffs:
+        raise CheckpointError(f"{run_dir} belongs to another config ({'; '.join(diffs)}); "
+                              f"use the run's own settings to resume it, or another hydra.run.dir")
+    return state
+
+
+def resume_dir(resume: str) -> Path:
+    """`resume=PATH`: a run directory or its checkpoint.pt; the run continues in that directory."""
+    path = Path(resume)
+    run_dir = path.parent if path.name == CHECKPOINT or path.is_file() else path
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ConfigError(f"resume={resume}: no {CHECKPOINT} there")
+    return run_dir
+
+
+class GuardStop(BaseException):
+    """Carries an error out of a Hydra callback (Hydra turns a callback's Exception into a warning)."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+class RunDirGuard(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(config)
+            if config.resume:
+                with open_dict(config):
+                    config.hydra.run.dir = str(resume_dir(config.resume))
+            task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            check_run_dir(Path(config.hydra.run.dir), task_cfg)
+        except Exception as e:
+            raise GuardStop(e) from e
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
+            return
+        from sdrun.cli import one_line
+
+        summary_path = Path(config.hydra.sweep.dir) / "sweep_summary.json"
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            summary = {"jobs": []}
+        failed = job_return.status.name != "COMPLETED"
+        summary["jobs"].append({
+            "num": config.hydra.job.num, "overrides": list(job_return.overrides or []),
+            "dir": config.hydra.runtime.output_dir, "status": "failed" if failed else "finished",
+            "error": one_line(job_return._return_value) if failed else None})
+        summary["failed"] = sum(j["status"] == "failed" for j in summary["jobs"])
+        write_json(summary_path, summary)
+        global LAST_SWEEP_SUMMARY
+        LAST_SWEEP_SUMMARY = summary_path
+
+
+LAST_SWEEP_SUMMARY: Path | None = None  # the CLI names it when a sweep ends with failed jobs

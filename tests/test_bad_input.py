@@ -1,0 +1,106 @@
+"""Bad invocations: each exits non-zero with one line naming the problem, and touches no run."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_sdrun, write_cifar_pickles
+
+BASE = ["dataset=digits", "depth=8", "epochs=3", "max_steps_per_epoch=2", "batch_size=32"]
+
+
+class Evil:
+    """Unpickling this runs a shell command: what a hostile checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """An unfinished run (checkpoint, no results), a depth-14 run, and files to break things with."""
+    w = tmp_path_factory.mktemp("world")
+    r = run_sdrun("train", *BASE, "hydra.run.dir=own", cwd=w)
+    assert r.returncode == 0, r.stderr
+    (w / "own" / "results.json").unlink()  # now it is a resumable, unfinished run
+    r = run_sdrun("train", *BASE, "depth=14", "hydra.run.dir=deeper", cwd=w)
+    assert r.returncode == 0, r.stderr
+    (w / "deeper" / "results.json").unlink()
+    (w / "evil").mkdir()
+    torch.save({"epoch": 1, "config": {}, "payload": Evil(w / "pwned")}, w / "evil" / "checkpoint.pt")
+    (w / "foreign").mkdir()
+    torch.save({"conv.weight": torch.zeros(3)}, w / "foreign" / "checkpoint.pt")
+    (w / "garbage").mkdir()
+    (w / "garbage" / "checkpoint.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    write_cifar_pickles(w / "c10")
+    write_cifar_pickles(w / "c10bad")
+    (w / "c10bad" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    return w
+
+
+CASES = [
+    (["pL=1.5"], "pL=1.5 is outside [0, 1]"),
+    (["pL=-0.1"], "pL=-0.1 is outside [0, 1]"),
+    (["pL=abc"], "could not be converted to Float"),
+    (["depth=100"], "depth=100 is not 6n+2"),
+    (["depth=2"], "depth=2 is not 6n+2"),
+    (["depth=deep"], "could not be converted to Integer"),
+    (["dataset=imagenet21k"], "Could not find 'dataset/imagenet21k'"),
+    (["survival=cubic"], "Invalid value 'cubic'"),
+    (["model.scaling=sideways"], "Invalid value 'sideways'"),
+    (["epochs=-3"], "epochs=-3 must be at least 1"),
+    (["batch_size=0"], "batch_size=0 must be at least 1"),
+    (["no_such_key=1"], "Could not override 'no_such_key'"),
+    (["dataset.colour=red"], "Could not override 'dataset.colour'"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
+    (["optim.milestones=[375,250]"], "optim.milestones=[375, 250] must be increasing"),
+    (["optim.momentum=1.5"], "optim.momentum in [0, 1)"),
+    (["device=tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
+    (["device=cuda"], "CUDA is not available"),
+    (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"], "cifar-10-batches-py"),
+    (["dataset=cifar10", "dataset.root={w}/c10", "hydra.run.dir={w}/new"], "not found or corrupt"),  # md5 on
+    (["dataset=cifar10", "dataset.root={w}/c10bad", "dataset.check_md5=false", "hydra.run.dir={w}/new"],
+     "data_batch_3"),
+    (["dataset.val_size=5000", "hydra.run.dir={w}/new"], "dataset.val_size=5000 leaves no training images"),
+    (["resume={w}/nowhere"], "no checkpoint.pt there"),
+    (["resume={w}/deeper/checkpoint.pt"], "belongs to another config (depth: 14 there, 8 here)"),
+    (["depth=20", "hydra.run.dir={w}/own"], "belongs to another config (depth: 8 there, 20 here)"),
+    (["resume={w}/evil"], "refusing to load it"),
+    (["resume={w}/foreign"], "is not an sdrun training checkpoint"),
+    (["resume={w}/garbage"], "is not a readable checkpoint"),
+]
+
+
+def snapshot(w: Path) -> dict:
+    return {p.relative_to(w): p.read_bytes() for p in sorted(w.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_invocation(world, args, expected):
+    w = world
+    args = [a.format(w=w) for a in args]
+    run_dir = "hydra.run.dir=" + str(w / "own") if not any(a.startswith(("resume=", "hydra.run.dir="))
+                                                             for a in args) else None
+    before = snapshot(w)
+    r = run_sdrun("train", *BASE, *args, *([run_dir] if run_dir else []), cwd=w)
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
+    assert err.startswith("sdrun train: error: ") and expected.format(w=w) in err, err
+    assert not (w / "pwned").exists()  # the hostile checkpoint never ran its payload
+    after = snapshot(w)
+    # Existing runs are untouched: training outputs always; for errors caught before the job
+    # starts (all but the data errors), Hydra's own .hydra/ snapshot and log too.
+    data_error = any(a.startswith(("dataset.root", "dataset.val_size")) for a in args)
+    for path, content in before.items():
+        if data_error and (path.parts[-2:-1] == (".hydra",) or path.name == "train.log"):
+            continue
+        assert after.get(path) == content, f"{path} changed"
