@@ -70,6 +70,12 @@ class ModelConfig:
 
 
 @dataclass
+class LogConfig:
+    grad_stats: bool = True       # per-block gradient statistics each epoch (sdrun/gradstats.py)
+    grad_histograms_every: int = 0  # also per-block gradient histograms every N epochs (0 = off)
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -89,6 +95,7 @@ class TrainConfig:
     eval_batch_size: int = 500
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def register_configs() -> None:
@@ -115,6 +122,8 @@ def validate(cfg: DictConfig | Any) -> None:
             problems.append(f"{key}={cfg[key]} must be at least 1")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         problems.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch} must be at least 1 (or null)")
+    if cfg.log.grad_histograms_every < 0:
+        problems.append(f"log.grad_histograms_every={cfg.log.grad_histograms_every} must be >= 0 (0 = off)")
     if cfg.num_workers < 0:
         problems.append(f"num_workers={cfg.num_workers} must be >= 0")
     if cfg.optim.lr <= 0:

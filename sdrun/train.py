@@ -25,10 +25,12 @@ from tqdm import tqdm
 
 from sdrun.config import Toggle, to_plain, validate
 from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
+from sdrun.gradstats import GradStats
 from sdrun.io import append_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.stochastic import GateSampler, expected_active_blocks
+from sdrun.tblog import RunBoard
 
 log = logging.getLogger("sdrun")
 
@@ -142,6 +144,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir))
+    grad_stats = GradStats(model, enabled=cfg.log.grad_stats)
+    board = RunBoard(writer, num_blocks, cfg.log.grad_histograms_every)
+    board.start(cfg)
     metrics_path = run_dir / "metrics.jsonl"
     log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
@@ -175,6 +180,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                 loss = F.cross_entropy(out, y)
             optimizer.zero_grad(set_to_none=False)
             loss.backward()
+            grad_stats.record(step_gates)  # device-side accumulation, no sync
             optimizer.step()
             loss_sum += loss.detach().float() * len(y)
             wrong += (out.detach().argmax(1) != y).sum()
@@ -203,6 +209,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                   "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
                   "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
                   "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
+        record.update(grad_stats.end_epoch(), lr_drop=epoch > 0 and lr < lr_at(epoch - 1, cfg.optim))
         append_jsonl(metrics_path, record)
         e = epoch + 1
         writer.add_scalar("loss/train", record["train_loss"], e)
@@ -215,6 +222,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         writer.add_scalar("throughput/train_images_per_s", record["images_per_s"], e)
         writer.add_scalar("depth/active_blocks_mean", record["active_blocks_mean"], e)
         writer.add_scalar("depth/active_blocks_expected", expected_depth, e)
+        board.write_epoch(record, e, grad_stats)
         writer.flush()
         log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s | "
                  "blocks %.2f/%.2f", e, cfg.epochs, lr, train_loss, record["train_error_pct"],
@@ -247,6 +255,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "command": sys.argv,
     }
     write_json(run_dir / "results.json", results)
+    board.end(results)
     writer.close()
     log.info("done: test error %.2f%% at best val epoch %s (final %.2f%%), training time %.1fs",
              results["test_error_at_best_val_pct"], results["best_val_epoch"], test_err, train_time)
