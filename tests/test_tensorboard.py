@@ -127,6 +127,11 @@ def test_per_block_gradient_tags_and_points(tensorboard, logdir):
     assert [(s, v) for _, s, v in drops] == [(1, 0.0), (2, 1.0)]
     hist = tensorboard.get("data/plugin/histograms/tags")
     assert all("depth/active_blocks" in hist[run] for run in RUNS)
+    depth = tensorboard.get("data/plugin/histograms/histograms?run=sweep/1&tag=depth/active_blocks")
+    assert [step for _, step, _ in depth] == [1, 2]
+    for _, _, buckets in depth:  # pL = 1: all 3 blocks ran in each of the 3 steps
+        assert sum(count for _, _, count in buckets) == 3
+        assert all(left >= 2.5 or count == 0 for left, _, count in buckets)
 
 
 def test_custom_scalars_layout_overlays_the_blocks(tensorboard):
