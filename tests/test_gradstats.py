@@ -87,6 +87,22 @@ def test_logged_gradients_equal_direct_computation(tmp_path):
     assert [v for _, v, _ in events["lr_drop"]] == [0.0, 1.0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the no-sync property is about accelerators")
+def test_record_never_syncs_with_the_device():
+    model = CifarResNet(8, 10).cuda()
+    make_optimizer(model, OPTIM)
+    stats = GradStats(model)
+    x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    for gates in EPOCHS[0]:
+        F.cross_entropy(model(x, gates), y).backward()
+        torch.cuda.set_sync_debug_mode("error")  # any host-device sync raises
+        try:
+            stats.record(gates)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert stats.end_epoch()["grad_steps"] == [3, 3, 3]
+
+
 def test_disabled_keeps_depth_histogram_only():
     model = CifarResNet(8, 10)
     stats = GradStats(model, enabled=False)

@@ -103,7 +103,7 @@ def test_metrics_jsonl_has_gradient_keys(logdir):
             assert sum(m["active_blocks_hist"]) == 3  # steps of the epoch
             assert sum(m["grad_steps"]) == sum(k * n for k, n in enumerate(m["active_blocks_hist"]))
             assert all((v is None) == (n == 0) for v, n in zip(m["grad_mean_abs"], m["grad_steps"]))
-            assert m["grad_norm"] > 0
+            assert m["grad_norm"] > 0 and all(v > 0 for v in m["grad_mean_abs"] if v is not None)
     assert [m["lr_drop"] for m in read_jsonl(logdir / "run" / "metrics.jsonl")] == [False, True]
     constant = read_jsonl(logdir / "sweep" / "1" / "metrics.jsonl")  # pL = 1: every block, every step
     assert all(m["grad_steps"] == [3, 3, 3] and m["active_blocks_hist"] == [0, 0, 0, 3] for m in constant)
