@@ -70,6 +70,12 @@ class ModelConfig:
 
 
 @dataclass
+class LogConfig:
+    grad_stats: bool = True       # per-block gradient statistics each epoch (sdrun/gradstats.py)
+    grad_histograms_every: int = 0  # also per-block gradient histograms every N epochs (0 = off)
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -90,6 +96,7 @@ class TrainConfig:
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
     resume: Optional[str] = None  # a run dir or its checkpoint.pt: continue that run in place
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def register_configs() -> None:
@@ -116,6 +123,8 @@ def validate(cfg: DictConfig | Any) -> None:
             problems.append(f"{key}={cfg[key]} must be at least 1")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         problems.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch} must be at least 1 (or null)")
+    if cfg.log.grad_histograms_every < 0:
+        problems.append(f"log.grad_histograms_every={cfg.log.grad_histograms_every} must be >= 0 (0 = off)")
     if cfg.num_workers < 0:
         problems.append(f"num_workers={cfg.num_workers} must be >= 0")
     if cfg.optim.lr <= 0:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sdrun.config import Toggle, to_plain, validate
 from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
+from sdrun.gradstats import GradStats
 import numpy as np
 
 from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
@@ -35,6 +36,7 @@ from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
 from sdrun.stochastic import GateSampler, expected_active_blocks
+from sdrun.tblog import RunBoard
 
 log = logging.getLogger("sdrun")
 
@@ -215,6 +217,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     from torch.utils.tensorboard import SummaryWriter
     # purge_step hides points a killed attempt logged after the checkpoint (x-axis: epochs).
     writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+    grad_stats = GradStats(model, enabled=cfg.log.grad_stats)
+    board = RunBoard(writer, num_blocks, cfg.log.grad_histograms_every)
+    board.start(cfg)
     log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", cfg.pL, cfg.survival.value,
@@ -248,6 +253,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                     loss = F.cross_entropy(out, y)
                 optimizer.zero_grad(set_to_none=False)
                 loss.backward()
+                grad_stats.record(step_gates)  # device-side accumulation, no sync
                 optimizer.step()
                 loss = loss.detach().float()
                 # Remember the first step with a non-finite loss without syncing; checked below.
@@ -292,7 +298,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                       "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
                       "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
                       "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
-            log_epoch(writer, record, expected_depth)
+            record.update(grad_stats.end_epoch(), lr_drop=epoch > 0 and lr < lr_at(epoch - 1, cfg.optim))
+            board.write_epoch(record, e, grad_stats)
+            log_epoch(writer, record, expected_depth)  # flushes the event file
             log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s"
                      " | blocks %.2f/%.2f", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
                      "-" if val_err is None else f"{val_err:.2f}%", test_err, epoch_time,
@@ -329,6 +337,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "config": to_plain(cfg), "versions": software_versions(),
     }
     write_json(run_dir / "results.json", results)
+    board.end(results)
     writer.close()
     log.info("done: test error %.2f%% at best val epoch %s (final %.2f%%), training time %.1fs",
              results["test_error_at_best_val_pct"], results["best_val_epoch"], record["test_error_pct"], train_time)
