@@ -82,11 +82,13 @@ def _paper_pair(groups: list[Group]) -> list[Group]:
     return constant + stochastic if constant and stochastic else []
 
 
-def fig3(pair: list[Group]) -> Figure:
+def fig3(pair: list[Group]) -> Figure | None:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     err, loss = fig.subplots(1, 2)
+    drawn = [_curve(err, g, lambda r: r.get("test_error_pct")) for g in pair]
+    if not all(drawn):
+        return None
     for g in pair:
-        _curve(err, g, lambda r: r.get("test_error_pct"))
         _curve(loss, g, lambda r: r.get("train_loss"))
     err.set(xlabel="epoch", ylabel="test error (%)", title="test error (mean ± std over seeds)")
     loss.set(xlabel="epoch", ylabel="training loss", title="training loss (mean ± std over seeds)")
@@ -155,7 +157,8 @@ def fig8_heatmap(groups: list[Group], survival: str, variant: str) -> Figure | N
     if len(depths) < 2 or len(pLs) < 2:
         return None
     grid = [[cells.get((d, p), math.nan) for p in pLs] for d in depths]
-    fig = Figure(figsize=(1.0 + 0.75 * len(pLs), 1.6 + 0.5 * len(depths)), layout="constrained")
+    fig = Figure(figsize=(max(6.5, 1.5 + 0.75 * len(pLs)), max(3.5, 1.8 + 0.5 * len(depths))),
+                 layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax, label="test error (%)")
@@ -169,7 +172,7 @@ def fig8_heatmap(groups: list[Group], survival: str, variant: str) -> Figure | N
     ax.set_xticks(range(len(pLs)), [f"{p:g}" for p in pLs])
     ax.set_yticks(range(len(depths)), [str(d) for d in depths])
     ax.set(xlabel="$p_L$", ylabel="depth (layers)")
-    _title(fig, f"Fig. 8 right: test error over $p_L$ and depth, {groups[0].dataset}, {survival}", variant)
+    _title(fig, f"Fig. 8 right: test error over $p_L$ and depth\n{groups[0].dataset}, {survival} survival", variant)
     return fig
 
 
@@ -188,8 +191,10 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
     for (dataset, depth, _), gs in cohorts(groups).items():
         pair = _paper_pair(gs)
         if pair:
-            found["fig3"] += 1
-            add(f"fig3_{dataset}_d{depth}", fig3(pair))
+            fig = fig3(pair)
+            if fig is not None:
+                found["fig3"] += 1
+                add(f"fig3_{dataset}_d{depth}", fig)
             fig = fig7(pair)
             if fig is not None:
                 found["fig7"] += 1
@@ -215,7 +220,7 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
 
     reasons = {
         "fig3": "Fig. 3 skipped: needs constant-depth (pL=1) and stochastic (linear, pL=0.5) runs "
-                "of the same dataset, depth and recipe",
+                "of the same dataset, depth and recipe, with their metrics.jsonl",
         "fig7": f"Fig. 7 skipped: no constant/stochastic pair of runs has '{GRAD_KEY}' in its metrics.jsonl "
                 "(per-block gradient magnitudes, logged by the trainer's gradient option)",
         "fig8_pL": "Fig. 8 left skipped: needs runs at two or more pL < 1 with one survival rule "

@@ -20,7 +20,6 @@ from pathlib import Path
 from tabulate import tabulate
 
 from sdrun import paper
-from sdrun.io import atomic_write
 from sdrun.runs import Group, RunsError, cohorts, find_runs, group_runs
 
 TABLE1_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n", "seeds",
@@ -171,7 +170,7 @@ def write_outputs(out: Path, t1: list[dict], t2: list[dict], md: str) -> list[Pa
         "table2.csv": csv_text(TABLE2_FIELDS, t2),
     }
     for name, text in files.items():
-        atomic_write(out / name, lambda f, text=text: f.write(text.encode()))
+        (out / name).write_text(text, encoding="utf-8")
     return [out / n for n in ("tables.md", "table1.csv", "table1.tex", "table2.csv", "table2.tex")]
 
 
