@@ -222,7 +222,7 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
         "fig3": "Fig. 3 skipped: needs constant-depth (pL=1) and stochastic (linear, pL=0.5) runs "
                 "of the same dataset, depth and recipe, with their metrics.jsonl",
         "fig7": f"Fig. 7 skipped: no constant/stochastic pair of runs has '{GRAD_KEY}' in its metrics.jsonl "
-                "(per-block gradient magnitudes, logged by the trainer's gradient option)",
+                "(per-block gradient magnitudes, from a trainer that logs them)",
         "fig8_pL": "Fig. 8 left skipped: needs runs at two or more pL < 1 with one survival rule "
                    "(same dataset, depth and recipe)",
         "fig8_heatmap": "Fig. 8 right skipped: needs runs at two or more depths and two or more pL "

@@ -72,17 +72,7 @@ class Run:
         return self.results["seed"]
 
     def metrics(self) -> list[dict]:
-        """The per-epoch records of metrics.jsonl ([] when absent); a torn last line is dropped."""
-        path = self.path / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return records
+        return read_metrics(self.path)
 
 
 @dataclass(frozen=True)
@@ -154,10 +144,24 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Skipped]]:
     return runs, sorted(skipped + duplicates, key=lambda s: str(s.path))
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch records of metrics.jsonl ([] when absent); a torn last line is dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
 def load_run(path: Path) -> Run | Skipped:
     results_path = path / "results.json"
     if not results_path.is_file():
-        epochs = len(Run(path, {}, ()).metrics())
+        epochs = len(read_metrics(path))
         return Skipped(path, f"unfinished: no results.json ({epochs} epoch(s) in metrics.jsonl)")
     try:
         results = json.loads(results_path.read_text())
