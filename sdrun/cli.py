@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -15,11 +16,16 @@ Reproduce "Deep Networks with Stochastic Depth" (Huang et al., ECCV 2016).
 
 commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
+  table     Tables 1 and 2 from finished runs, beside the paper's figures
+  plot      Figs. 3, 7 and 8 from finished runs (PNG and PDF)
 
 examples:
   sdrun train                              # the offline digits demo
   sdrun train dataset=cifar10 pL=0.5       # the paper's CIFAR-10 run (ResNet-110, 500 epochs)
   sdrun train -m dataset=cifar10 pL=0.1,0.2,0.5,1.0
+  sdrun train -m experiment=table1_cifar10  # a paper experiment (conf/experiment/)
+  sdrun table multirun/ runs/ --out tables/
+  sdrun plot multirun/ --out figures/
 """
 
 
@@ -131,7 +137,29 @@ def sweep_note() -> str:
             f"are kept; see {runs.LAST_SWEEP_SUMMARY}]")
 
 
-COMMANDS = {"train": run_train}
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse for the non-Hydra subcommands, with its usage errors on one line."""
+
+    def fail(self, message: str, code: int = 2) -> int:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        return code
+
+    def error(self, message: str):
+        sys.exit(self.fail(message))
+
+
+def run_table(argv: list[str]) -> int:
+    from sdrun.report import main
+    return main(argv)
+
+
+def run_plot(argv: list[str]) -> int:
+    from sdrun.plots import main
+    return main(argv)
+
+
+COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,153 @@
+"""sdrun.collect and sdrun.report on hand-written run directories: exact aggregation and skipping."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from sdrun import paper
+from sdrun.report import markdown, table1_rows, table2_rows, write_outputs
+from sdrun.collect import find_runs, group_runs
+from tests.run_fixtures import write_run
+
+
+def tables(*roots):
+    runs, skipped = find_runs(roots)
+    groups, notes = group_runs(runs)
+    return table1_rows(groups), table2_rows(groups), notes, skipped
+
+
+def row(rows, **match):
+    (found,) = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    return found
+
+
+def test_mean_and_sample_std_over_seeds_beside_the_paper(tmp_path):
+    for seed, err in zip((1, 2, 3), (5.0, 5.5, 6.5)):
+        write_run(tmp_path / "sweep" / str(seed), seed=seed, error=err)
+    for seed, err in zip((1, 2), (6.0, 7.0)):
+        write_run(tmp_path / f"runs/const_s{seed}", pL=1.0, seed=seed, error=err)
+    t1, _, notes, skipped = tables(tmp_path)
+    assert not notes and not skipped
+    sd = row(t1, pL=0.5)
+    assert sd["n"] == 3 and sd["seeds"] == "1 2 3"
+    assert sd["test_error_pct_mean"] == pytest.approx(17 / 3)
+    assert sd["test_error_pct_std"] == pytest.approx(math.sqrt(((5 - 17 / 3) ** 2 + (5.5 - 17 / 3) ** 2
+                                                                + (6.5 - 17 / 3) ** 2) / 2))
+    assert sd["paper_test_error_pct"] == 5.25 and sd["diff_vs_paper_pct"] == pytest.approx(17 / 3 - 5.25)
+    const = row(t1, pL=1.0)
+    assert (const["n"], const["test_error_pct_mean"], const["paper_test_error_pct"]) == (2, 6.5, 6.41)
+    assert const["test_error_pct_std"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_table1_reports_the_best_validation_epoch_not_the_last(tmp_path):
+    write_run(tmp_path / "a", error=4.0, final_error=9.0)
+    (r,) = tables(tmp_path)[0]
+    assert r["test_error_pct_mean"] == 4.0 and r["test_error_pct_std"] is None
+
+
+def test_paper_figures_only_for_the_papers_setting(tmp_path):
+    write_run(tmp_path / "short", epochs=100)                       # not the 500-epoch recipe
+    write_run(tmp_path / "uniform", survival="uniform")             # not the paper's default
+    write_run(tmp_path / "c100", dataset="cifar100", pL=1.0)
+    write_run(tmp_path / "in120", dataset="imagenet", depth=152, epochs=120, num_blocks=50)
+    t1, t2, _, _ = tables(tmp_path)
+    assert row(t1, epochs=100)["paper_test_error_pct"] is None
+    assert row(t1, survival="uniform")["paper_test_error_pct"] is None
+    assert row(t1, dataset="cifar100")["paper_test_error_pct"] == 27.22
+    assert row(t1, dataset="imagenet")["paper_test_error_pct"] == 21.98
+    assert row(t2, dataset="cifar100")["paper_train_time_min"] == 20 * 60 + 51
+
+
+def test_unfinished_crashed_and_corrupt_runs_are_skipped_with_a_reason(tmp_path):
+    write_run(tmp_path / "good")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "results.json").write_text('{"status": "fini')
+    write_run(tmp_path / "crashed")
+    data = json.loads((tmp_path / "crashed" / "results.json").read_text())
+    (tmp_path / "crashed" / "results.json").write_text(json.dumps({**data, "status": "crashed"}))
+    write_run(tmp_path / "nan", error=float("nan"))
+    write_run(tmp_path / "nokey")
+    data = json.loads((tmp_path / "nokey" / "results.json").read_text())
+    del data["train_time_per_epoch_s"]
+    (tmp_path / "nokey" / "results.json").write_text(json.dumps(data))
+    (tmp_path / "running" / ".hydra").mkdir(parents=True)
+    (tmp_path / "running" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "results.json").write_text("[1, 2]")
+
+    t1, _, _, skipped = tables(tmp_path)
+    assert [r["n"] for r in t1] == [1]
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert set(reasons) == {"torn", "crashed", "nan", "nokey", "running", "list"}
+    assert reasons["torn"].startswith("corrupt results.json")
+    assert reasons["crashed"] == "status is 'crashed', not 'finished'"
+    assert "test_error_at_best_val_pct" in reasons["nan"]
+    assert reasons["nokey"] == "results.json lacks train_time_per_epoch_s"
+    assert reasons["running"] == "unfinished: no results.json (2 epoch(s) in metrics.jsonl)"
+    assert "not a JSON object" in reasons["list"]
+
+
+def test_runs_with_other_recipes_are_split_and_said_so(tmp_path):
+    write_run(tmp_path / "a1", seed=1, error=5.0)
+    write_run(tmp_path / "a2", seed=2, error=6.0)
+    write_run(tmp_path / "b1", seed=1, error=9.0, epochs=300, config={"batch_size": 64})
+    write_run(tmp_path / "c1", seed=1, error=7.0, device="cpu")
+    t1, t2, notes, _ = tables(tmp_path)
+    assert sorted((r["n"], r["test_error_pct_mean"]) for r in t1) == [(1, 7.0), (1, 9.0), (2, 5.5)]
+    variants = {r["test_error_pct_mean"]: r["variant"] for r in t1}
+    assert "batch_size=64" in variants[9.0] and "epochs=300" in variants[9.0]
+    assert "runtime.device=cpu" in variants[7.0] and "runtime.device=cuda" in variants[5.5]
+    (note,) = notes
+    assert note.startswith("cifar10 depth 110 pL=0.5 linear: runs differ in batch_size, epochs")
+    assert "not averaged" in note
+    md = markdown(t1, t2, notes)
+    assert "differs in" in md and "Not averaged together" in md
+
+
+def test_constant_depth_runs_pool_across_survival_and_duplicates_count_once(tmp_path):
+    # pL = 1 is the same network under both rules: one group; the same seed twice is one run.
+    write_run(tmp_path / "lin", pL=1.0, survival="linear", seed=1, error=6.0)
+    write_run(tmp_path / "uni", pL=1.0, survival="uniform", seed=1, error=6.0)
+    write_run(tmp_path / "uni2", pL=1.0, survival="uniform", seed=2, error=8.0)
+    t1, _, _, skipped = tables(tmp_path)
+    (r,) = t1
+    assert (r["n"], r["test_error_pct_mean"], r["survival"]) == (2, 7.0, "")
+    (dup,) = skipped
+    assert "duplicate of" in dup.reason and dup.path.name in ("lin", "uni")
+
+
+def test_table2_ratios_per_epoch(tmp_path):
+    write_run(tmp_path / "c1", pL=1.0, seed=1, per_epoch_s=100.0)
+    write_run(tmp_path / "c2", pL=1.0, seed=2, per_epoch_s=110.0)
+    write_run(tmp_path / "s1", pL=0.5, seed=1, per_epoch_s=75.0)
+    write_run(tmp_path / "s2", pL=0.5, seed=2, per_epoch_s=82.0, epochs=500)
+    write_run(tmp_path / "u", pL=0.2, survival="uniform", per_epoch_s=30.0, device="cpu")  # no baseline
+    _, t2, _, _ = tables(tmp_path)
+    c, s = row(t2, pL=1.0), row(t2, pL=0.5)
+    assert c["measured_ratio"] == 1.0 and c["expected_depth_ratio"] == 1.0 and c["paper_ratio"] == 1.0
+    assert s["train_time_per_epoch_s_mean"] == 78.5
+    assert s["measured_ratio"] == pytest.approx(78.5 / 105.0)
+    assert s["expected_depth_ratio"] == pytest.approx(40.25 / 54)
+    assert s["paper_ratio"] == pytest.approx((15 * 60 + 7) / (20 * 60 + 42)) == paper.table2_time_ratio("cifar10", 110, 500)
+    assert s["train_time_s_mean"] == 78.5 * 500
+    assert row(t2, pL=0.2)["measured_ratio"] is None
+
+
+def test_outputs_csv_latex_markdown(tmp_path):
+    write_run(tmp_path / "runs" / "a", pL=1.0, error=6.0)
+    write_run(tmp_path / "runs" / "b", pL=0.5, error=5.0)
+    t1, t2, notes, _ = tables(tmp_path / "runs")
+    md = markdown(t1, t2, notes)
+    paths = write_outputs(tmp_path / "out", t1, t2, md)
+    assert all(p.is_file() for p in paths)
+    with open(tmp_path / "out" / "table1.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(float(r["pL"]), float(r["test_error_pct_mean"]), r["test_error_pct_std"]) for r in rows] == \
+        [(1.0, 6.0, ""), (0.5, 5.0, "")]
+    tex = (tmp_path / "out" / "table1.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "test error (\\%)" in tex
+    assert "| constant depth" in md and "5.00" in md and "5.25" in md and "-0.25" in md
+    table2_md = md.split("## Table 2")[1]
+    assert "8h 20m" in table2_md and "20h 42m" in table2_md and "0.73" in table2_md

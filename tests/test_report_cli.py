@@ -1,0 +1,80 @@
+"""sdrun table and sdrun plot through the console script, on real runs of the smoke preset."""
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import run_sdrun
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> Path:
+    """A real multirun sweep (constant vs stochastic, seeds 1-2), one single run beside it (seed 3),
+    and one run directory that never finished."""
+    root = tmp_path_factory.mktemp("smoke")
+    r = run_sdrun("train", "-m", "experiment=smoke", "hydra.sweep.dir=sweep", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = run_sdrun("train", "experiment=smoke", "pL=0.5", "seed=3", "hydra.run.dir=runs/single", cwd=root)
+    assert r.returncode == 0, r.stderr
+    (root / "runs" / "killed" / ".hydra").mkdir(parents=True)
+    return root
+
+
+def results(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.glob("**/results.json"))]
+
+
+def test_table_from_a_sweep_and_a_single_run(smoke_runs, tmp_path):
+    r = run_sdrun("table", str(smoke_runs / "sweep"), str(smoke_runs / "runs"), "--out", str(tmp_path / "t"),
+                  cwd=smoke_runs)
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {smoke_runs / 'runs' / 'killed'}: unfinished: no results.json" in r.stderr
+    assert "Traceback" not in r.stderr
+    md = r.stdout
+    assert md.startswith("## Table 1: test error (%) at the best-validation epoch")
+    assert "## Table 2: training time" in md
+
+    runs = results(smoke_runs)
+    assert len(runs) == 5
+    stochastic = [x["test_error_at_best_val_pct"] for x in runs if x["pL"] == 0.5]
+    constant = [x["test_error_at_best_val_pct"] for x in runs if x["pL"] == 1.0]
+    line = next(x for x in md.splitlines() if "stochastic linear pL=0.5" in x)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:5] == ["digits", "8", "stochastic linear pL=0.5", "3", "3"]
+    assert cells[5] == f"{statistics.fmean(stochastic):.2f} ± {statistics.stdev(stochastic):.2f}"
+    assert cells[6:] == ["–", "–"]  # no paper figure for digits
+    assert f"{statistics.fmean(constant):.2f} ± {statistics.stdev(constant):.2f}" in md
+
+    table2 = (tmp_path / "t" / "table2.csv").read_text().splitlines()
+    assert table2[0].startswith("dataset,depth,pL,survival,variant,epochs,n,train_time_per_epoch_s_mean")
+    assert len(table2) == 3
+    assert (tmp_path / "t" / "tables.md").read_text().strip() == md.strip()
+    assert "\\toprule" in (tmp_path / "t" / "table1.tex").read_text()
+
+
+def test_plot_from_real_runs(smoke_runs, tmp_path):
+    out = tmp_path / "figs"
+    r = run_sdrun("plot", str(smoke_runs), "--out", str(out), cwd=smoke_runs)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["fig3_digits_d8.pdf", "fig3_digits_d8.png"]
+    with Image.open(out / "fig3_digits_d8.png") as im:
+        assert im.width > 1000 and im.height > 400
+    assert (out / "fig3_digits_d8.pdf").read_bytes().startswith(b"%PDF")
+    # The trainer does not log gradients here; smoke runs have one pL < 1 and one depth.
+    reasons = [x for x in r.stderr.splitlines() if " skipped: " in x and not x.startswith("skipped ")]
+    assert [x.split(" skipped:")[0] for x in reasons] == ["Fig. 7", "Fig. 8 left", "Fig. 8 right"]
+
+
+@pytest.mark.parametrize("command", ["table", "plot"])
+def test_bad_input_is_one_line(tmp_path, command):
+    out = ["--out", str(tmp_path / "o")]
+    r = run_sdrun(command, str(tmp_path / "missing"), *out, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == f"sdrun {command}: error: {tmp_path / 'missing'} is not a directory"
+    (tmp_path / "empty").mkdir()
+    r = run_sdrun(command, str(tmp_path / "empty"), *out, cwd=tmp_path)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no finished runs" in r.stderr
+    r = run_sdrun(command, "--bogus", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
