@@ -15,11 +15,13 @@ Reproduce "Deep Networks with Stochastic Depth" (Huang et al., ECCV 2016).
 
 commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
+  analyze   test the implicit-ensemble claim on a trained run (sdrun analyze --help)
 
 examples:
   sdrun train                              # the offline digits demo
   sdrun train dataset=cifar10 pL=0.5       # the paper's CIFAR-10 run (ResNet-110, 500 epochs)
   sdrun train -m dataset=cifar10 pL=0.1,0.2,0.5,1.0
+  sdrun analyze runs/SD_RUN --compare runs/CONSTANT_RUN
 """
 
 
@@ -99,7 +101,12 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train}
+def run_analyze(argv: list[str]) -> int:
+    from sdrun.analyze import main as analyze_main
+    return analyze_main(argv)
+
+
+COMMANDS = {"train": run_train, "analyze": run_analyze}
 
 
 def main(argv: list[str] | None = None) -> None:
