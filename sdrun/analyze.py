@@ -14,8 +14,9 @@ average of that ensemble. For a run's checkpoint, on its test split, this measur
 BatchNorm: every network here runs in eval mode, with the running statistics that training
 accumulated. Those are a mixture over the sub-networks seen in training (a block's BN only
 updates on steps where the block ran), so a sampled sub-network is evaluated with shared
-statistics, not with statistics of its own. Recomputing BN statistics per sub-network on
-training data is the alternative; it is not implemented here (see README).
+statistics, not with statistics of its own. `--bn-recompute N` also evaluates the same
+sampled sub-networks with BN statistics recomputed for each one on N training images
+(`own_bn_statistics`); lesions and removals always use the running statistics.
 
 All networks are evaluated on the whole (or a fixed random subset of the) test split in
 batches; a lesion shares the test-rule forward up to the removed block with every other
@@ -28,9 +29,10 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,8 +45,8 @@ from sdrun.models import build_model
 from sdrun.rng import derive_seed
 from sdrun.stochastic import GateSampler, run_blocks
 
-BN_STATISTICS = ("eval mode: every network (test rule, sampled sub-networks, lesions) uses the "
-                 "BatchNorm running statistics accumulated during training; none are recomputed")
+BN_STATISTICS = ("eval mode: every network (test rule, sampled sub-networks, lesions, removals) uses "
+                 "the BatchNorm running statistics accumulated during training")
 
 
 class AnalyzeError(ValueError):
@@ -61,6 +63,7 @@ class Run:
     cfg: DictConfig
     model: nn.Module
     normalizer: Normalizer
+    train: Split  # the training split without the validation images, as in training
     test: Split
 
 
@@ -91,13 +94,13 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
         raise AnalyzeError(f"{path}: weights do not fit the model in its config: {e}") from None
     model.to(device).eval()
     normalizer = Normalizer(state["normalizer"]["mean"], state["normalizer"]["std"]).to(device)
-    test = load_image_data(cfg.dataset, cfg.seed).test
-    return Run(run_dir, path, state.get("epoch"), cfg, model, normalizer, test)
+    data = load_image_data(cfg.dataset, cfg.seed)
+    return Run(run_dir, path, state.get("epoch"), cfg, model, normalizer, data.train, data.test)
 
 
 # ---------------------------------------------------------------- evaluating gated networks
 
-class TestSet:
+class Evaluator:
     """The test split, normalised once into device batches, and the logits of gated networks on it.
 
     `gates` as in the model: one entry per block, True = run unscaled, False = removed
@@ -141,6 +144,34 @@ class TestSet:
         return 100.0 * (scores.argmax(1) != self.labels).sum().item() / len(self.labels)
 
 
+@contextmanager
+def own_bn_statistics(model: nn.Module, batches: Sequence[torch.Tensor],
+                      gates: Sequence[bool | None]) -> Iterator[None]:
+    """Within the block, BatchNorm running statistics are those of the sub-network `gates`
+    on `batches` (an equal-weight average over batches, momentum=None); restored on exit.
+
+    BNs of removed blocks are not run, so they keep reset statistics, which that
+    sub-network never uses.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(bn.momentum, {k: v.clone() for k, v in bn.state_dict().items()}) for bn in bns]
+    try:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x, gates)
+        model.eval()
+        yield
+    finally:
+        model.eval()
+        for bn, (momentum, state) in zip(bns, saved):
+            bn.momentum = momentum
+            bn.load_state_dict(state)
+
+
 def doubling(limit: int) -> list[int]:
     """1, 2, 4, ... up to limit, with limit itself as the last point."""
     points = [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
@@ -157,19 +188,28 @@ def _stream_seeds(seed: int, n: int) -> list[int]:
     return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
 
 
-def monte_carlo_ensemble(ts: TestSet, probs: Sequence[float], k_max: int, seed: int) -> dict:
-    """Softmax average of k_max sub-networks drawn with the training survival probabilities."""
+def monte_carlo_ensemble(ev: Evaluator, probs: Sequence[float], k_max: int, seed: int,
+                         bn_batches: Sequence[torch.Tensor] | None = None) -> dict:
+    """Softmax average of k_max sub-networks drawn with the training survival probabilities.
+
+    bn_batches: recompute each sub-network's BN statistics on these (normalised) images
+    first; None = the running statistics from training.
+    """
     sampler = GateSampler(probs, seed)
     report_at = set(doubling(k_max))
     total = None
     samples, curve = [], []
     for k in range(1, k_max + 1):
         gates = sampler.draw()
-        p = ts.logits(gates).softmax(1)
+        if bn_batches is None:
+            p = ev.logits(gates).softmax(1)
+        else:
+            with own_bn_statistics(ev.model, bn_batches, gates):
+                p = ev.logits(gates).softmax(1)
         total = p if total is None else total + p
-        samples.append({"active_blocks": sum(gates), "error_pct": ts.error_pct(p)})
+        samples.append({"active_blocks": sum(gates), "error_pct": ev.error_pct(p)})
         if k in report_at:
-            curve.append({"k": k, "error_pct": ts.error_pct(total)})
+            curve.append({"k": k, "error_pct": ev.error_pct(total)})
     mean, std = _mean_std([s["error_pct"] for s in samples])
     return {"ensemble": curve,
             "subnetworks": {"error_pct_mean": mean, "error_pct_std": std,
@@ -177,13 +217,13 @@ def monte_carlo_ensemble(ts: TestSet, probs: Sequence[float], k_max: int, seed: 
                             "samples": samples}}
 
 
-def lesion_study(ts: TestSet, blocks: Sequence[int], transition: Sequence[bool]) -> list[dict]:
-    logits = ts.lesion_logits(blocks)
-    return [{"block": b + 1, "transition": transition[b], "error_pct": ts.error_pct(out)}
+def lesion_study(ev: Evaluator, blocks: Sequence[int], transition: Sequence[bool]) -> list[dict]:
+    logits = ev.lesion_logits(blocks)
+    return [{"block": b + 1, "transition": transition[b], "error_pct": ev.error_pct(out)}
             for b, out in logits.items()]
 
 
-def random_removal(ts: TestSet, num_blocks: int, draws: int, seed: int) -> list[dict]:
+def random_removal(ev: Evaluator, num_blocks: int, draws: int, seed: int) -> list[dict]:
     """Error with m blocks removed at random (the rest on the test rule), m = 1, 2, 4, ..., L."""
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -193,7 +233,7 @@ def random_removal(ts: TestSet, num_blocks: int, draws: int, seed: int) -> list[
             gates: list[bool | None] = [None] * num_blocks
             for b in torch.randperm(num_blocks, generator=g)[:m].tolist():
                 gates[b] = False
-            errors.append(ts.error_pct(ts.logits(gates)))
+            errors.append(ev.error_pct(ev.logits(gates)))
         mean, std = _mean_std(errors)
         rows.append({"num_removed": m, "draws": len(errors), "error_pct_mean": mean,
                      "error_pct_std": std, "error_pct": errors})
@@ -201,14 +241,17 @@ def random_removal(ts: TestSet, num_blocks: int, draws: int, seed: int) -> list[
 
 
 def analyze_run(run: Run, k_max: int = 32, lesion: Sequence[int] | None = None, removal_draws: int = 8,
-                seed: int | None = None, test_images: int | None = None, batch_size: int = 500) -> dict:
-    """Every measurement for one run. `lesion`: 0-based blocks (None = all)."""
+                seed: int | None = None, test_images: int | None = None, batch_size: int = 500,
+                bn_recompute: int = 0) -> dict:
+    """Every measurement for one run. `lesion`: 0-based blocks (None = all).
+    bn_recompute: also evaluate the sampled sub-networks with BN statistics recomputed on
+    this many training images (0 = no)."""
     t0 = time.perf_counter()
     cfg, model = run.cfg, run.model
     probs = model.survival_probs
     num_blocks = len(probs)
     seed = cfg.seed if seed is None else seed
-    gate_seed, removal_seed, subset_seed = _stream_seeds(seed, 3)
+    gate_seed, removal_seed, subset_seed, bn_seed = _stream_seeds(seed, 4)
     lesion = range(num_blocks) if lesion is None else lesion
     if any(not 0 <= b < num_blocks for b in lesion):
         raise AnalyzeError(f"--lesion blocks must lie in 1..{num_blocks} for {run.run_dir} (L = {num_blocks})")
@@ -219,21 +262,30 @@ def analyze_run(run: Run, k_max: int = 32, lesion: Sequence[int] | None = None, 
         idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(subset_seed))[:test_images]
         idx = idx.sort().values
         split = Split(split.images[idx], split.labels[idx])
-    ts = TestSet(model, split, run.normalizer, batch_size)
+    ev = Evaluator(model, split, run.normalizer, batch_size)
     transition = [not isinstance(b.shortcut, nn.Identity) for b in model.blocks]
 
     result = {
         "run_dir": str(run.run_dir), "checkpoint": str(run.checkpoint), "epoch": run.epoch,
         "dataset": cfg.dataset.name, "depth": cfg.depth, "num_blocks": num_blocks, "pL": cfg.pL,
         "survival": cfg.survival, "scaling": cfg.model.scaling, "survival_probs": probs,
-        "expected_active_blocks": sum(probs), "test_images": len(ts), "seed": seed,
+        "expected_active_blocks": sum(probs), "test_images": len(ev), "seed": seed,
         "bn_statistics": BN_STATISTICS,
-        "test_rule_error_pct": ts.error_pct(ts.logits(None)),
-        "all_open_error_pct": ts.error_pct(ts.logits([True] * num_blocks)),
+        "test_rule_error_pct": ev.error_pct(ev.logits(None)),
+        "all_open_error_pct": ev.error_pct(ev.logits([True] * num_blocks)),
     }
-    result.update(monte_carlo_ensemble(ts, probs, k_max, gate_seed))
-    result["lesion"] = lesion_study(ts, list(lesion), transition)
-    result["removal"] = random_removal(ts, num_blocks, removal_draws, removal_seed) if removal_draws else []
+    result.update(monte_carlo_ensemble(ev, probs, k_max, gate_seed))
+    result["bn_recomputed"] = None
+    if bn_recompute:
+        # The same sub-networks (same gate seed), each with BN statistics of its own, computed
+        # on a fixed random subset of training images in training-size batches.
+        idx = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(bn_seed))[:bn_recompute]
+        subset = Split(run.train.images[idx], run.train.labels[idx]).to(run.normalizer.mean.device)
+        bn_batches = [x for x, _ in eval_batches(subset, run.normalizer, cfg.batch_size)]
+        result["bn_recomputed"] = {"train_images": len(subset), "batch_size": cfg.batch_size,
+                                   **monte_carlo_ensemble(ev, probs, k_max, gate_seed, bn_batches)}
+    result["lesion"] = lesion_study(ev, list(lesion), transition)
+    result["removal"] = random_removal(ev, num_blocks, removal_draws, removal_seed) if removal_draws else []
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -254,6 +306,10 @@ def format_table(results: Sequence[dict]) -> str:
         lines.append(f"{name} {r['run_dir']}: {run_label(r)}, {r['dataset']} depth {r['depth']} "
                      f"(L={r['num_blocks']}), checkpoint epoch {r['epoch']}, {r['test_images']} test images")
     lines.append(f"BatchNorm: {BN_STATISTICS}.")
+    for name, r in zip(names, results):
+        if r["bn_recomputed"]:
+            lines.append(f"{name} 'own BN stats' rows: the same sub-networks with BatchNorm statistics "
+                         f"recomputed for each on {r['bn_recomputed']['train_images']} training images.")
     rows: dict[str, list[str]] = {}
 
     def put(key: str, i: int, text: str) -> None:
@@ -268,6 +324,12 @@ def format_table(results: Sequence[dict]) -> str:
         put("  its active blocks, mean", i, f"{sub['active_blocks_mean']:.2f} of {r['num_blocks']}")
         for point in r["ensemble"]:
             put(f"MC ensemble of K={point['k']}", i, f"{point['error_pct']:.2f}")
+        if r["bn_recomputed"]:
+            own = r["bn_recomputed"]
+            sub = own["subnetworks"]
+            put("sampled sub-network, own BN stats", i, f"{sub['error_pct_mean']:.2f} +- {sub['error_pct_std']:.2f}")
+            for point in own["ensemble"]:
+                put(f"MC ensemble of K={point['k']}, own BN stats", i, f"{point['error_pct']:.2f}")
         for row in r["lesion"]:
             put(f"block {row['block']} removed{' (transition)' if row['transition'] else ''}", i,
                 f"{row['error_pct']:.2f}")
@@ -345,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the sampled gates and subsets (default: the run's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=_positive, default=500, help="evaluation batch size (default 500)")
+    p.add_argument("--bn-recompute", type=_non_negative, default=0, metavar="N",
+                   help="also evaluate the sampled sub-networks with BatchNorm statistics recomputed for "
+                        "each on N training images (default 0: off)")
     p.add_argument("--data-root", help="dataset.root to read the test split from, if not the run's")
     return p
 
@@ -368,7 +433,7 @@ def analyze(args: argparse.Namespace) -> list[dict]:
     for run_dir, checkpoint in targets:
         run = load_run(run_dir, checkpoint, device, args.data_root)
         results.append(analyze_run(run, args.k_max, args.lesion, args.removal_draws, args.seed,
-                                   args.test_images, args.batch_size))
+                                   args.test_images, args.batch_size, args.bn_recompute))
     return results
 
 

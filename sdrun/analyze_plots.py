@@ -35,6 +35,10 @@ def plot_ensemble(results: Sequence[dict], path: Path) -> Path:
         ks = [p["k"] for p in r["ensemble"]]
         ax.plot(ks, [p["error_pct"] for p in r["ensemble"]], "o-", color=color,
                 label=f"{_name(i, r)}: MC ensemble of K sub-networks")
+        if r["bn_recomputed"]:
+            own = r["bn_recomputed"]["ensemble"]
+            ax.plot([p["k"] for p in own], [p["error_pct"] for p in own], "^:", color=color,
+                    label="same sub-networks, BN statistics recomputed for each")
         ax.axhline(r["test_rule_error_pct"], color=color, ls="--", label="test-time rule (branch x p_l)")
         sub = r["subnetworks"]
         ax.axhspan(sub["error_pct_mean"] - sub["error_pct_std"], sub["error_pct_mean"] + sub["error_pct_std"],
