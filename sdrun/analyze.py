@@ -303,8 +303,9 @@ def format_table(results: Sequence[dict]) -> str:
     names = [f"[{chr(65 + i)}]" for i in range(len(results))]
     lines = []
     for name, r in zip(names, results):
+        scaling = "" if r["scaling"] == "paper" else f", model.scaling={r['scaling']} (gate open: branch / p_l)"
         lines.append(f"{name} {r['run_dir']}: {run_label(r)}, {r['dataset']} depth {r['depth']} "
-                     f"(L={r['num_blocks']}), checkpoint epoch {r['epoch']}, {r['test_images']} test images")
+                     f"(L={r['num_blocks']}){scaling}, checkpoint epoch {r['epoch']}, {r['test_images']} test images")
     lines.append(f"BatchNorm: {BN_STATISTICS}.")
     for name, r in zip(names, results):
         if r["bn_recomputed"]:
@@ -391,26 +392,26 @@ def build_parser() -> argparse.ArgumentParser:
         "ensembles of sampled sub-networks, lesions of single blocks, random removal of blocks. "
         "Writes analysis.json, report.txt and PNG plots to --out."))
     p.add_argument("run_dir", help="a run directory of `sdrun train` (with checkpoint.pt)")
-    p.add_argument("--checkpoint", help="checkpoint to load instead of RUN_DIR/checkpoint.pt")
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint to load instead of RUN_DIR/checkpoint.pt")
     p.add_argument("--compare", metavar="RUN_DIR", help="a second run analysed the same way "
                    "(e.g. the constant-depth baseline), shown side by side")
     p.add_argument("--compare-checkpoint", metavar="PATH", help="checkpoint of the --compare run")
-    p.add_argument("--out", help="output directory (default RUN_DIR/analysis)")
-    p.add_argument("--k-max", type=_positive, default=32,
+    p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/analysis)")
+    p.add_argument("--k-max", type=_positive, default=32, metavar="K",
                    help="sub-networks in the Monte-Carlo ensemble; reported at K = 1, 2, 4, ..., K_MAX (default 32)")
     p.add_argument("--lesion", type=_lesion_set, default=None, metavar="BLOCKS",
                    help="blocks to remove one at a time: all (default), none, or 1-based numbers like 1,5,9 or 1-18")
-    p.add_argument("--removal-draws", type=_non_negative, default=8,
+    p.add_argument("--removal-draws", type=_non_negative, default=8, metavar="N",
                    help="random subsets per number of removed blocks (default 8; 0 skips the study)")
-    p.add_argument("--test-images", type=_positive, default=None,
+    p.add_argument("--test-images", type=_positive, default=None, metavar="N",
                    help="evaluate on a fixed random subset of this many test images (default: all)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampled gates and subsets (default: the run's)")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="seed of the sampled gates and subsets (default: the run's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--batch-size", type=_positive, default=500, help="evaluation batch size (default 500)")
+    p.add_argument("--batch-size", type=_positive, default=500, metavar="N", help="evaluation batch size (default 500)")
     p.add_argument("--bn-recompute", type=_non_negative, default=0, metavar="N",
                    help="also evaluate the sampled sub-networks with BatchNorm statistics recomputed for "
                         "each on N training images (default 0: off)")
-    p.add_argument("--data-root", help="dataset.root to read the test split from, if not the run's")
+    p.add_argument("--data-root", metavar="DIR", help="dataset.root to read the test split from, if not the run's")
     return p
 
 
@@ -450,7 +451,8 @@ def main(argv: list[str]) -> int:
         out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
         out.mkdir(parents=True, exist_ok=True)
     except (AnalyzeError, ConfigError, DataError, OmegaConfBaseException, OSError) as e:
-        print(f"sdrun analyze: error: {one_line(e)}", file=sys.stderr)
+        hint = " (--data-root DIR reads the test split from elsewhere)" if isinstance(e, DataError) else ""
+        print(f"sdrun analyze: error: {one_line(e)}{hint}", file=sys.stderr)
         return 2
     from sdrun.analyze_plots import plot_all
 

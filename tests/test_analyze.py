@@ -13,8 +13,9 @@ from matplotlib.image import imread
 
 from sdrun import cli
 from sdrun.analyze import Evaluator, analyze_run, doubling, load_run, monte_carlo_ensemble, own_bn_statistics
+from sdrun.io import load_checkpoint, save_checkpoint
 from sdrun.stochastic import GateSampler
-from tests.conftest import TINY, run_sdrun
+from tests.conftest import TINY, run_sdrun, write_cifar_pickles
 
 # ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5).
 TRAIN = [*TINY, "depth=14", "checkpoint=true"]
@@ -181,3 +182,24 @@ def test_bad_input_gives_one_line_error(runs, args, expected, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("sdrun analyze: error:") and expected in err, err
     assert not (runs / args[0] / "analysis").exists()
+
+
+def test_data_root_points_at_a_moved_dataset(runs, monkeypatch, capsys):
+    """A run trained on CIFAR-10 whose data moved: a one-line error, then --data-root."""
+    monkeypatch.chdir(runs)
+    state = load_checkpoint(runs / "sd" / "checkpoint.pt")
+    state["config"]["dataset"].update(name="cifar10", root="moved-away", format="pickle", check_md5=False,
+                                      val_size=50)
+    (runs / "c10run").mkdir(exist_ok=True)
+    save_checkpoint(runs / "c10run" / "checkpoint.pt", state)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["analyze", "c10run"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "moved-away" in err and "--data-root" in err
+    write_cifar_pickles(runs / "c10", test=30)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["analyze", "c10run", "--data-root", "c10", "--k-max", "2", "--lesion", "none",
+                  "--removal-draws", "0"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    (res,) = json.loads((runs / "c10run" / "analysis" / "analysis.json").read_text())["runs"]
+    assert res["dataset"] == "cifar10" and res["test_images"] == 30 and res["lesion"] == [] == res["removal"]
