@@ -86,12 +86,12 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
     cfg = OmegaConf.create(state["config"])
     if data_root is not None:
         cfg.dataset.root = data_root
-    model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL, cfg.survival,
-                        cfg.model.scaling, cfg.model.shortcut_pool)
     try:
+        model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL, cfg.survival,
+                            cfg.model.scaling, cfg.model.shortcut_pool)
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise AnalyzeError(f"{path}: weights do not fit the model in its config: {e}") from None
+    except (ValueError, RuntimeError) as e:  # a config this version cannot build, or weights that do not fit
+        raise AnalyzeError(f"{path}: cannot rebuild the model from its config: {e}") from None
     model.to(device).eval()
     normalizer = Normalizer(state["normalizer"]["mean"], state["normalizer"]["std"]).to(device)
     data = load_image_data(cfg.dataset, cfg.seed)
@@ -101,7 +101,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: 
 # ---------------------------------------------------------------- evaluating gated networks
 
 class Evaluator:
-    """The test split, normalised once into device batches, and the logits of gated networks on it.
+    """A split (the test split, normally), normalised once into device batches, and the
+    logits of gated networks on it.
 
     `gates` as in the model: one entry per block, True = run unscaled, False = removed
     (shortcut only), None = test rule (branch x p_l); gates=None is the test-time network.
