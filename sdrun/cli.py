@@ -18,6 +18,7 @@ commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
   table     Tables 1 and 2 from finished runs, beside the paper's figures
   plot      Figs. 3, 7 and 8 from finished runs (PNG and PDF)
+  analyze   test the implicit-ensemble claim on a trained run (sdrun analyze --help)
 
 examples:
   sdrun train                              # the offline digits demo
@@ -26,6 +27,7 @@ examples:
   sdrun train -m experiment=table1_cifar10  # a paper experiment (conf/experiment/)
   sdrun table multirun/ runs/ --out tables/
   sdrun plot multirun/ --out figures/
+  sdrun analyze runs/SD_RUN --compare runs/CONSTANT_RUN
 """
 
 
@@ -159,7 +161,12 @@ def run_plot(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot}
+def run_analyze(argv: list[str]) -> int:
+    from sdrun.analyze import main as analyze_main
+    return analyze_main(argv)
+
+
+COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot, "analyze": run_analyze}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -86,7 +86,10 @@ class CifarResNet(nn.Module):
         return [b.survival_prob for b in self.blocks]
 
     def forward(self, x: torch.Tensor, gates: Sequence[bool | None] | None = None) -> torch.Tensor:
-        x = run_blocks(self.blocks, self.stem(x), gates)
+        return self.head(run_blocks(self.blocks, self.stem(x), gates))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> logits (global average pool, linear classifier)."""
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
