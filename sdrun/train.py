@@ -3,6 +3,7 @@
 One call of `train(cfg, run_dir)` is one run. It writes into run_dir:
   events.out.tfevents.*  TensorBoard scalars, one point per epoch
   metrics.jsonl          one JSON line per epoch
+  evals.jsonl            one JSON line per evaluation, with eval_every_steps (sdrun.evaluation)
   checkpoint.pt          the latest epoch's full training state (weights_only-loadable)
   results.json           headline numbers at the end (the paper's protocol), config, versions
 """
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from sdrun.config import Toggle, to_plain, validate
 from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
+from sdrun.evaluation import Evaluator
 from sdrun.io import append_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
@@ -88,16 +90,20 @@ def make_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.SGD
 
 
 @torch.inference_mode()
-def evaluate(model, batches, rt: Runtime) -> float:
-    """Top-1 error (%) of the test-time network (every branch scaled by p_l)."""
+def evaluate(model, batches, rt: Runtime) -> tuple[float, float]:
+    """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l)."""
     model.eval()
-    wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
+    wrong = torch.zeros(2, dtype=torch.int64, device=rt.device)
     count = 0
     for x, y in batches:
         with autocast(rt):
-            wrong += (model(x).argmax(1) != y).sum()
+            out = model(x)
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        wrong[0] += (top[:, 0] != y).sum()
+        wrong[1] += (top != y[:, None]).all(1).sum()
         count += len(y)
-    return 100.0 * wrong.item() / max(count, 1)
+    top1, top5 = (100.0 * w / max(count, 1) for w in wrong.tolist())
+    return top1, top5
 
 
 def autocast(rt: Runtime):
@@ -123,13 +129,24 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     rt = resolve_runtime(cfg)
     seed_global(cfg.seed)
 
-    # ---- data: uint8 on the device, normalised and augmented per batch there
-    data = load_image_data(cfg.dataset, cfg.seed)
-    normalizer = Normalizer.fit(data.train.images).to(rt.device)
-    train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
-                                          for s in (data.train, data.val, data.test))
-    batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
-                           cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+    # ---- data: uint8 on the device, normalised and augmented per batch there; ImageNet is
+    # decoded from JPEGs per batch by DataLoader workers instead (sdrun.imagenet)
+    if cfg.dataset.name == "imagenet":
+        from sdrun.imagenet import load_imagenet
+        data = load_imagenet(cfg, rt.device, rt.channels_last)
+        normalizer, batches, eval_sets = data.normalizer, data.train_batches, data.eval_sets
+    else:
+        data = load_image_data(cfg.dataset, cfg.seed)
+        normalizer = Normalizer.fit(data.train.images).to(rt.device)
+        train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
+                                              for s in (data.train, data.val, data.test))
+        batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
+                               cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+
+        def passes(split):  # a fresh pass over an evaluation split on each call; None without the split
+            return None if split is None else lambda: eval_batches(split, normalizer, cfg.eval_batch_size,
+                                                                   rt.channels_last)
+        eval_sets = {"val": passes(val_split), "test": passes(test_split)}
 
     # ---- model, optimiser, gates
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
@@ -150,7 +167,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     log.info("data: %d train / %d val / %d test images; expected active blocks %.2f of %d",
              len(data.train), len(data.val) if data.val else 0, len(data.test), expected_depth, num_blocks)
 
-    best = {"val_error_pct": math.inf, "epoch": None, "test_error_pct": None}
+    sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
+    evaluator = Evaluator(lambda name: evaluate(model, eval_sets[name](), rt), eval_sets["val"] is not None,
+                          cfg.eval_every_steps, cfg.dataset.top5, run_dir, writer, sync)
     train_time = 0.0
     active_total, steps_total = 0, 0
     wall_start = time.perf_counter()
@@ -164,11 +183,10 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         loss_sum = torch.zeros((), device=rt.device)
         wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
         seen, active = 0, 0
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        t0 = time.perf_counter()
+        sync()
+        t0, eval_s0 = time.perf_counter(), evaluator.seconds
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar, 1):
             step_gates = gates.draw()
             with autocast(rt):
                 out = model(x, step_gates)
@@ -180,9 +198,11 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             wrong += (out.detach().argmax(1) != y).sum()
             seen += len(y)
             active += sum(step_gates)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        epoch_time = time.perf_counter() - t0
+            if evaluator.due_inside_epoch(i, len(batches), steps_total + i):  # eval_every_steps
+                evaluator.run(steps_total + i, round(epoch + i / len(batches), 4), epoch_end=False)
+                model.train()
+        sync()
+        epoch_time = time.perf_counter() - t0 - (evaluator.seconds - eval_s0)  # step evaluations excluded
         train_time += epoch_time
         steps = len(batches)
         active_total += active
@@ -193,16 +213,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                                      f"the last good checkpoint is {run_dir / 'checkpoint.pt'}")
 
         # ---- evaluation (excluded from the training time), best-val bookkeeping
-        val_err = evaluate(model, eval_batches(val_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt) \
-            if val_split is not None else None
-        test_err = evaluate(model, eval_batches(test_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
-        if val_err is None or val_err < best["val_error_pct"]:
-            best = {"val_error_pct": val_err, "epoch": epoch + 1, "test_error_pct": test_err}
+        evaluated = evaluator.run(steps_total, epoch + 1, epoch_end=True)
+        val_err, test_err = evaluated["val_error_pct"], evaluated["test_error_pct"]
 
         record = {"epoch": epoch + 1, "step": steps_total, "lr": lr, "train_loss": train_loss,
                   "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
                   "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
                   "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
+        if cfg.dataset.top5:
+            record.update({k: evaluated[k] for k in ("val_top5_error_pct", "test_top5_error_pct")})
         append_jsonl(metrics_path, record)
         e = epoch + 1
         writer.add_scalar("loss/train", record["train_loss"], e)
@@ -210,6 +229,10 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         if val_err is not None:
             writer.add_scalar("error/val", val_err, e)
         writer.add_scalar("error/test", test_err, e)
+        if cfg.dataset.top5:
+            for split in ("val", "test"):
+                if record[f"{split}_top5_error_pct"] is not None:
+                    writer.add_scalar(f"error/{split}_top5", record[f"{split}_top5_error_pct"], e)
         writer.add_scalar("lr", lr, e)
         writer.add_scalar("time/epoch_train_s", epoch_time, e)
         writer.add_scalar("throughput/train_images_per_s", record["images_per_s"], e)
@@ -226,7 +249,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                 "epoch": e, "step": steps_total, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "gates": gates.state_dict(),
                 "data": batches.state_dict(), "torch_rng": torch.get_rng_state(),
-                "normalizer": normalizer.state_dict(), "best": best,
+                "normalizer": normalizer.state_dict(), "best": evaluator.best,
                 "train_time_s": train_time, "active_total": active_total, "steps_total": steps_total,
                 "config": to_plain(cfg)})
 
@@ -234,14 +257,18 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "status": "finished",
         "dataset": cfg.dataset.name, "depth": cfg.depth, "num_blocks": num_blocks, "pL": cfg.pL,
         "survival": cfg.survival.value, "seed": cfg.seed, "epochs": cfg.epochs,
-        "test_error_at_best_val_pct": best["test_error_pct"],
-        "best_val_error_pct": best["val_error_pct"], "best_val_epoch": best["epoch"],
-        "selection": "best_val" if val_split is not None else "last_epoch",
+        "test_error_at_best_val_pct": evaluator.best["test_error_pct"],
+        "best_val_error_pct": evaluator.best["val_error_pct"],
+        # fractional when the selected evaluation was a step evaluation (eval_every_steps)
+        "best_val_epoch": evaluator.best["epoch"], "best_val_step": evaluator.best["step"],
+        "selection": "best_val" if eval_sets["val"] is not None else "last_epoch",
         "final_test_error_pct": test_err,
         "train_time_s": train_time, "train_time_per_epoch_s": train_time / cfg.epochs,
         "wall_time_s": time.perf_counter() - wall_start,
         "expected_active_blocks": expected_depth,
         "measured_active_blocks": active_total / steps_total,
+        **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
+            "final_test_top5_error_pct": evaluated["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
         "config": to_plain(cfg), "versions": software_versions(),
         "command": sys.argv,
