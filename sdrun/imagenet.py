@@ -137,7 +137,10 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False) -> Ima
         train = Subset(train, perm[ds_cfg.val_size:].sort().values.tolist())
 
     pin = device.type == "cuda"
-    workers = dict(num_workers=cfg.num_workers, pin_memory=pin, persistent_workers=cfg.num_workers > 0)
+    # Workers are started per epoch (not persistent): their augmentation seeds then come from
+    # the loader's generator at each epoch start, so a checkpointed generator state replays
+    # the epoch exactly. Start-up costs seconds against an epoch of thousands of steps.
+    workers = dict(num_workers=cfg.num_workers, pin_memory=pin)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=cpu_generator(cfg.seed, "data"),
                         **workers)
     normalizer = ChannelNormalizer(device=device)
