@@ -73,13 +73,17 @@ class LoaderBatches:
         return len(self.loader) if self.max_steps is None else min(len(self.loader), self.max_steps)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step, (x, y) in enumerate(self.loader):
-            if step == len(self):
-                break
-            x = self.normalizer(x.to(self.device, non_blocking=True))
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+        try:
+            for step, (x, y) in enumerate(self.loader):
+                if step == len(self):
+                    break
+                x = self.normalizer(x.to(self.device, non_blocking=True))
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
+        except OSError as e:  # an unreadable image; a worker's error carries its traceback, keep the last line
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise DataError(f"imagenet: {lines[-1] if lines else type(e).__name__}") from None
 
     # The shuffle order and the workers' seeds of an epoch are drawn from this generator when
     # the epoch's iterator starts, so its state at an epoch boundary restores the epoch.

@@ -1,7 +1,7 @@
 """The training loop, top to bottom: data, model, optimiser, epochs, evaluation, outputs.
 
 One call of `train(cfg, run_dir)` is one run. It writes into run_dir:
-  events.out.tfevents.*  TensorBoard scalars, one point per epoch
+  events.out.tfevents.*  TensorBoard scalars, one point per epoch (error_by_step/* per evaluation)
   metrics.jsonl          one JSON line per epoch
   evals.jsonl            one JSON line per evaluation, with eval_every_steps (sdrun.evaluation)
   checkpoint.pt          the latest epoch's full training state (weights_only-loadable)

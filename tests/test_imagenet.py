@@ -122,6 +122,16 @@ def test_bad_trees_are_data_errors(tmp_path):
         load_imagenet(cfg_for(root), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_image_is_a_data_error_naming_the_file(tmp_path, workers):
+    root = write_imagenet_folder(tmp_path, per_class=(2, 1))
+    (root / "train" / "n01443537" / "broken.JPEG").write_bytes(b"not a jpeg")
+    data = load_imagenet(cfg_for(root, num_workers=workers), torch.device("cpu"))
+    with pytest.raises(DataError, match="broken.JPEG") as e:
+        list(data.train_batches)
+    assert "\n" not in str(e.value)
+
+
 def test_recipe_and_120_epoch_variant(tmp_path):
     r = run_sdrun("train", "dataset=imagenet", "epochs=120", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
