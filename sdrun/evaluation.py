@@ -27,6 +27,8 @@ from sdrun.io import append_jsonl
 
 
 class Evaluator:
+    """Runs the evaluations of one run and keeps the selected one in `best` (checkpointed)."""
+
     def __init__(self, error_of: Callable[[str], tuple[float, float]], has_val: bool,
                  every_steps: int | None, top5: bool, run_dir: Path, writer, sync: Callable[[], None]):
         self.error_of = error_of  # "val" | "test" -> (top-1 error %, top-5 error %)
