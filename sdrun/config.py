@@ -38,7 +38,7 @@ class Toggle(str, Enum):
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING           # cifar10 | cifar100 | digits (| svhn | imagenet)
+    name: str = MISSING           # cifar10 | cifar100 | digits | svhn | imagenet
     root: str = "data"            # where the dataset lives (relative to the working directory)
     format: str = "auto"          # auto | pickle | imagefolder (CIFAR); see sdrun.data
     download: bool = False        # use torchvision's downloader (needs the network)
@@ -48,6 +48,11 @@ class DatasetConfig:
     val_size: int = 5000          # held out from the training split with the run's seed
     translate: int = 4            # random translation of up to this many pixels (0 = off)
     flip: bool = True             # random horizontal flip with p = 0.5
+    # svhn: validation images per class held out from [train, extra] with the run's seed
+    # (the paper's 400 + 200); replaces val_size there
+    val_per_class: list[int] = field(default_factory=lambda: [400, 200])
+    resize_size: int = 256        # imagenet: evaluation resizes the short side to this, then centre-crops image_size
+    top5: bool = False            # also log top-5 errors (imagenet)
 
 
 @dataclass
@@ -64,7 +69,7 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "cifar_resnet"
+    arch: str = "cifar_resnet"    # cifar_resnet (6n+2, CIFAR/SVHN) | imagenet_resnet (18/34/50/101/152)
     shortcut_pool: str = "avg"    # avg (paper) | subsample (reference code before its 2017 fix)
     scaling: BranchScaling = BranchScaling.paper
 
@@ -93,6 +98,9 @@ class TrainConfig:
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
+    # also evaluate every N training steps (None = at epoch ends only); the best-validation
+    # selection then works at that granularity (the paper: every 200 iterations on SVHN)
+    eval_every_steps: Optional[int] = None
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
     resume: Optional[str] = None  # a run dir or its checkpoint.pt: continue that run in place
@@ -101,6 +109,10 @@ class TrainConfig:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# Depths of the ImageNet ResNets (He et al. 2016, Table 1); see sdrun.models.IMAGENET_LAYOUTS.
+IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 
 
 def _is_cifar_depth(depth: int) -> bool:
@@ -121,6 +133,18 @@ def validate(cfg: DictConfig | Any) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}={cfg[key]} must be at least 1")
+    if cfg.model.arch == "imagenet_resnet" and cfg.depth not in IMAGENET_DEPTHS:
+        problems.append(f"depth={cfg.depth} is not an ImageNet ResNet depth (one of {', '.join(map(str, IMAGENET_DEPTHS))})")
+    if cfg.model.arch not in ("cifar_resnet", "imagenet_resnet"):
+        problems.append(f"model.arch={cfg.model.arch!r} must be cifar_resnet or imagenet_resnet")
+    if cfg.eval_every_steps is not None and cfg.eval_every_steps < 1:
+        problems.append(f"eval_every_steps={cfg.eval_every_steps} must be at least 1 (or null)")
+    if len(cfg.dataset.val_per_class) != 2 or min(cfg.dataset.val_per_class) < 0:
+        problems.append(f"dataset.val_per_class={list(cfg.dataset.val_per_class)} must be two counts >= 0 "
+                        "(per class, from SVHN's train and extra files)")
+    if cfg.dataset.resize_size < cfg.dataset.image_size:
+        problems.append(f"dataset.resize_size={cfg.dataset.resize_size} must be >= dataset.image_size="
+                        f"{cfg.dataset.image_size} (evaluation centre-crops the resized image)")
     if cfg.max_steps_per_epoch is not None and cfg.max_steps_per_epoch < 1:
         problems.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch} must be at least 1 (or null)")
     if cfg.log.grad_histograms_every < 0:

@@ -93,11 +93,82 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def init_weights(model: nn.Module) -> None:
-    """He normal (fan-in, ReLU gain) for convolutions, BN to identity; Linear keeps PyTorch's default."""
+# ---------------------------------------------------------------- ImageNet ResNets
+
+# depth -> (block type, blocks per stage), He et al. 2016, Table 1 (torchvision's layouts).
+IMAGENET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+                    50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
+                    152: ("bottleneck", (3, 8, 36, 3))}
+
+
+def bottleneck_branch(cin: int, width: int, stride: int) -> nn.Sequential:
+    """conv1x1 -> BN -> ReLU -> conv3x3 (stride here, as in fb.resnet.torch and torchvision) -> BN -> ReLU
+    -> conv1x1 (x4 channels) -> BN."""
+    return nn.Sequential(
+        nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        conv3x3(width, width, stride), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+        nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width),
+    )
+
+
+def projection_shortcut(cin: int, cout: int, stride: int) -> nn.Sequential:
+    """1x1 convolution (with the block's stride) + BN, where the block changes shape (option B)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class ImageNetResNet(nn.Module):
+    """The ImageNet ResNet of He et al. (18/34 basic, 50/101/152 bottleneck blocks), torchvision's layout.
+
+    Stem conv7x7/2 + BN + ReLU + maxpool3x3/2; four stages of widths 64..512 (x4 out for
+    bottlenecks), stride 2 at the first block of stages 2-4; global average pool; linear
+    classifier. L counts every block: 50 for ResNet-152. Projection shortcuts can output
+    negative values, so a dropped projection block still applies the ReLU after its
+    shortcut (the reference's ReLU follows the residual unit whether or not it was dropped).
+    Parameter layout and count match torchvision's resnetN (60.19 M for ResNet-152).
+    """
+
+    def __init__(self, depth: int, num_classes: int = 1000, p_last: float = 0.5, rule: str = "linear",
+                 scaling: str = "paper", in_channels: int = 3):
+        super().__init__()
+        if depth not in IMAGENET_LAYOUTS:
+            raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_LAYOUTS)}, got {depth}")
+        kind, counts = IMAGENET_LAYOUTS[depth]
+        expansion = 4 if kind == "bottleneck" else 1
+        self.depth = depth
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        probs = survival_probs(sum(counts), p_last, rule)
+        blocks, cin = [], 64
+        for stage, (width, count) in enumerate(zip((64, 128, 256, 512), counts)):
+            for i in range(count):
+                stride = 2 if stage > 0 and i == 0 else 1
+                cout = width * expansion
+                branch = (bottleneck_branch(cin, width, stride) if kind == "bottleneck"
+                          else basic_branch(cin, width, stride))
+                project = stride != 1 or cin != cout
+                shortcut = projection_shortcut(cin, cout, stride) if project else nn.Identity()
+                blocks.append(StochasticResidual(branch, shortcut, probs[len(blocks)], scaling,
+                                                 act_on_drop=project))
+                cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(cin, num_classes)
+        init_weights(self, mode="fan_out")  # fb.resnet.torch: N(0, sqrt(2 / (k*k*out_channels)))
+
+    @property
+    def survival_probs(self) -> list[float]:
+        return [b.survival_prob for b in self.blocks]
+
+    def forward(self, x: torch.Tensor, gates: Sequence[bool | None] | None = None) -> torch.Tensor:
+        x = run_blocks(self.blocks, self.stem(x), gates)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def init_weights(model: nn.Module, mode: str = "fan_in") -> None:
+    """He normal (ReLU gain; fan-in by default) for convolutions, BN to identity; Linear keeps PyTorch's default."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -112,4 +183,6 @@ def build_model(arch: str, depth: int, num_classes: int, p_last: float, rule: st
                 scaling: str = "paper", shortcut_pool: str = "avg") -> nn.Module:
     if arch == "cifar_resnet":
         return CifarResNet(depth, num_classes, p_last, rule, scaling, shortcut_pool)
+    if arch == "imagenet_resnet":
+        return ImageNetResNet(depth, num_classes, p_last, rule, scaling)
     raise ValueError(f"unknown architecture {arch!r}")

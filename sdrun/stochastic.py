@@ -77,11 +77,12 @@ class StochasticResidual(nn.Module):
     On the dropped path the paper's H_l = ReLU(id(H_{l-1})) equals id(H_{l-1}): a block's
     input is a ReLU output (stem or previous block), hence non-negative, and average pooling
     and zero padding keep it so. The no-op ReLU is skipped (an in-place one would also
-    clobber the previous block's output that autograd still needs).
+    clobber the previous block's output that autograd still needs). A projection shortcut
+    (ImageNet ResNets) can output negatives: act_on_drop=True keeps the ReLU there.
     """
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module, survival_prob: float,
-                 scaling: str = "paper", post_activation: bool = True):
+                 scaling: str = "paper", post_activation: bool = True, act_on_drop: bool = False):
         super().__init__()
         if scaling not in BRANCH_SCALINGS:
             raise ValueError(f"unknown branch scaling {scaling!r}; expected one of {BRANCH_SCALINGS}")
@@ -90,6 +91,9 @@ class StochasticResidual(nn.Module):
         self.survival_prob = float(survival_prob)
         self.scaling = scaling
         self.act = nn.ReLU(inplace=True) if post_activation else nn.Identity()
+        # A shortcut that can output negative values (a 1x1 conv + BN projection) needs the
+        # activation on the dropped path too; it writes into the shortcut's fresh output.
+        self.act_on_drop = act_on_drop
 
     def branch_scale(self, gate: bool | None) -> float:
         p = self.survival_prob
@@ -100,7 +104,7 @@ class StochasticResidual(nn.Module):
     def forward(self, x: torch.Tensor, gate: bool | None = None) -> torch.Tensor:
         identity = self.shortcut(x)
         if gate is False:
-            return identity
+            return self.act(identity) if self.act_on_drop else identity
         out = self.branch(x)
         scale = self.branch_scale(gate)
         if scale != 1.0:

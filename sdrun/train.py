@@ -2,7 +2,9 @@
 
 One call of `train(cfg, run_dir)` is one run. It writes into run_dir:
   events.out.tfevents.*  TensorBoard scalars, one point per epoch
+  by_step/               with eval_every_steps: TensorBoard error_by_step/* (x-axis: global step)
   metrics.jsonl          one JSON line per epoch
+  evals.jsonl            with eval_every_steps: one JSON line per evaluation (sdrun.evaluation)
   checkpoint.pt          the latest epoch's full training state (weights_only-loadable)
   results.json           headline numbers at the end (the paper's protocol), config, versions
 """
@@ -10,7 +12,6 @@ One call of `train(cfg, run_dir)` is one run. It writes into run_dir:
 from __future__ import annotations
 
 import logging
-import math
 import platform
 import random
 import signal
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from sdrun.config import Toggle, to_plain, validate
 from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
+from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
 import numpy as np
 
@@ -93,16 +95,20 @@ def make_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.SGD
 
 
 @torch.inference_mode()
-def evaluate(model, batches, rt: Runtime) -> float:
-    """Top-1 error (%) of the test-time network (every branch scaled by p_l)."""
+def evaluate(model, batches, rt: Runtime) -> tuple[float, float]:
+    """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l)."""
     model.eval()
-    wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
+    wrong = torch.zeros(2, dtype=torch.int64, device=rt.device)
     count = 0
     for x, y in batches:
         with autocast(rt):
-            wrong += (model(x).argmax(1) != y).sum()
+            out = model(x)
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        wrong[0] += (top[:, 0] != y).sum()
+        wrong[1] += (top != y[:, None]).all(1).sum()
         count += len(y)
-    return 100.0 * wrong.item() / max(count, 1)
+    top1, top5 = (100.0 * w / max(count, 1) for w in wrong.tolist())
+    return top1, top5
 
 
 def autocast(rt: Runtime):
@@ -179,13 +185,24 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     rt = resolve_runtime(cfg)
     seed_global(cfg.seed)
 
-    # ---- data: uint8 on the device, normalised and augmented per batch there
-    data = load_image_data(cfg.dataset, cfg.seed)
-    normalizer = Normalizer.fit(data.train.images).to(rt.device)
-    train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
-                                          for s in (data.train, data.val, data.test))
-    batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
-                           cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+    # ---- data: uint8 on the device, normalised and augmented per batch there; ImageNet is
+    # decoded from JPEGs per batch by DataLoader workers instead (sdrun.imagenet)
+    if cfg.dataset.name == "imagenet":
+        from sdrun.imagenet import load_imagenet
+        data = load_imagenet(cfg, rt.device, rt.channels_last)
+        normalizer, batches, eval_sets = data.normalizer, data.train_batches, data.eval_sets
+    else:
+        data = load_image_data(cfg.dataset, cfg.seed)
+        normalizer = Normalizer.fit(data.train.images).to(rt.device)
+        train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
+                                              for s in (data.train, data.val, data.test))
+        batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
+                               cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+
+        def passes(split):  # a fresh pass over an evaluation split on each call; None without the split
+            return None if split is None else lambda: eval_batches(split, normalizer, cfg.eval_batch_size,
+                                                                   rt.channels_last)
+        eval_sets = {"val": passes(val_split), "test": passes(test_split)}
 
     # ---- model, optimiser, gates
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
@@ -196,9 +213,11 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     num_blocks = len(model.survival_probs)
     expected_depth = expected_active_blocks(model.survival_probs)
 
-    best = {"val_error_pct": math.inf, "epoch": None, "test_error_pct": None}
     start_epoch, train_time, active_total, steps_total, record = 0, 0.0, 0, 0, None
     metrics_path = run_dir / "metrics.jsonl"
+    sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
+    evaluator = Evaluator(lambda name: evaluate(model, eval_sets[name](), rt), eval_sets["val"] is not None,
+                          cfg.eval_every_steps, cfg.dataset.top5, run_dir, sync)
     if resume_state is not None:
         # Continue exactly where the last completed epoch left off: every piece of state that
         # the next step depends on comes back, so the numbers match an uninterrupted run.
@@ -207,16 +226,19 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         gates.load_state_dict(resume_state["gates"])
         batches.load_state_dict(resume_state["data"])
         set_rng_state(resume_state["rng"])
-        best, record = resume_state["best"], resume_state["last_record"]
+        evaluator.best, record = resume_state["best"], resume_state["last_record"]
         start_epoch, steps_total = resume_state["epoch"], resume_state["step"]
         train_time, active_total = resume_state["train_time_s"], resume_state["active_total"]
-        # metrics.jsonl may hold lines of an epoch whose checkpoint was never written: drop them.
+        # The jsonl files may hold lines of an epoch whose checkpoint was never written: drop them.
         rewrite_jsonl(metrics_path, lambda r: r["epoch"] <= start_epoch)
+        rewrite_jsonl(evaluator.path, lambda r: r["step"] <= steps_total)
         log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, steps_total)
 
     from torch.utils.tensorboard import SummaryWriter
     # purge_step hides points a killed attempt logged after the checkpoint (x-axis: epochs).
     writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+    if cfg.eval_every_steps:  # step-axis curves in their own event file, purged by step on resume
+        evaluator.writer = SummaryWriter(str(run_dir / "by_step"), purge_step=steps_total + 1 if steps_total else None)
     grad_stats = GradStats(model, enabled=cfg.log.grad_stats)
     board = RunBoard(writer, num_blocks, cfg.log.grad_histograms_every)
     board.start(cfg)
@@ -242,9 +264,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
             first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
             seen, active = 0, 0
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            t0 = time.perf_counter()
+            sync()
+            t0, eval_s0 = time.perf_counter(), evaluator.seconds
             bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not progress)
             for step, (x, y) in enumerate(bar, start=1):
                 step_gates = gates.draw()
@@ -265,6 +286,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                 active += sum(step_gates)
                 if stop.received is not None:
                     break
+                if evaluator.due_inside_epoch(step, len(batches), steps_total + step):  # eval_every_steps
+                    evaluator.run(steps_total + step, round(epoch + step / len(batches), 4), epoch_end=False)
+                    model.train()
             bar.close()
             if stop.received is not None:
                 # Abandon the partial epoch: resuming redoes it from the last checkpoint, which
@@ -273,9 +297,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                                   + (f"{run_dir / CHECKPOINT} holds epoch {epoch}. " if epoch and cfg.checkpoint
                                      else "no epoch was completed. ")
                                   + "Run the same command again to resume.", stop.received)
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            epoch_time = time.perf_counter() - t0
+            sync()
+            epoch_time = time.perf_counter() - t0 - (evaluator.seconds - eval_s0)  # step evaluations excluded
             bad = int(first_bad_step.item())
             if bad >= 0:
                 raise FloatingPointError(
@@ -288,16 +311,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             steps_total += steps
 
             # ---- evaluation (excluded from the training time), best-val bookkeeping
-            val_err = (evaluate(model, eval_batches(val_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
-                       if val_split is not None else None)
-            test_err = evaluate(model, eval_batches(test_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
-            if val_err is None or val_err < best["val_error_pct"]:
-                best = {"val_error_pct": val_err, "epoch": e, "test_error_pct": test_err}
+            evaluated = evaluator.run(steps_total, e, epoch_end=True)
+            val_err, test_err = evaluated["val_error_pct"], evaluated["test_error_pct"]
 
             record = {"epoch": e, "step": steps_total, "lr": lr, "train_loss": loss_sum.item() / seen,
                       "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
                       "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
                       "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
+            if cfg.dataset.top5:
+                record.update({k: evaluated[k] for k in ("val_top5_error_pct", "test_top5_error_pct")})
             record.update(grad_stats.end_epoch(), lr_drop=epoch > 0 and lr < lr_at(epoch - 1, cfg.optim))
             board.write_epoch(record, e, grad_stats)
             log_epoch(writer, record, expected_depth)  # flushes the event file
@@ -314,7 +336,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                     "epoch": e, "step": steps_total, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "gates": gates.state_dict(),
                     "data": batches.state_dict(), "rng": rng_state(),
-                    "normalizer": normalizer.state_dict(), "best": best, "last_record": record,
+                    "normalizer": normalizer.state_dict(), "best": evaluator.best, "last_record": record,
                     "train_time_s": train_time, "active_total": active_total,
                     "config": to_plain(cfg)})
             if stop.received is not None:
@@ -325,20 +347,26 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "status": "finished",
         "dataset": cfg.dataset.name, "depth": cfg.depth, "num_blocks": num_blocks, "pL": cfg.pL,
         "survival": cfg.survival.value, "seed": cfg.seed, "epochs": cfg.epochs,
-        "test_error_at_best_val_pct": best["test_error_pct"],
-        "best_val_error_pct": best["val_error_pct"], "best_val_epoch": best["epoch"],
-        "selection": "best_val" if val_split is not None else "last_epoch",
+        "test_error_at_best_val_pct": evaluator.best["test_error_pct"],
+        "best_val_error_pct": evaluator.best["val_error_pct"],
+        # fractional when the selected evaluation was a step evaluation (eval_every_steps)
+        "best_val_epoch": evaluator.best["epoch"], "best_val_step": evaluator.best["step"],
+        "selection": "best_val" if eval_sets["val"] is not None else "last_epoch",
         "final_test_error_pct": record["test_error_pct"],
         "train_time_s": train_time, "train_time_per_epoch_s": train_time / cfg.epochs,
         "wall_time_s": time.perf_counter() - wall_start,
         "expected_active_blocks": expected_depth,
         "measured_active_blocks": active_total / steps_total,
+        **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
+            "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
         "config": to_plain(cfg), "versions": software_versions(),
     }
     write_json(run_dir / "results.json", results)
     board.end(results)
     writer.close()
+    if evaluator.writer is not None:
+        evaluator.writer.close()
     log.info("done: test error %.2f%% at best val epoch %s (final %.2f%%), training time %.1fs",
              results["test_error_at_best_val_pct"], results["best_val_epoch"], record["test_error_pct"], train_time)
     return results
@@ -349,6 +377,8 @@ def log_epoch(writer, record: dict, expected_depth: float) -> None:
     e = record["epoch"]
     scalars = {"loss/train": record["train_loss"], "error/train": record["train_error_pct"],
                "error/val": record["val_error_pct"], "error/test": record["test_error_pct"],
+               "error/val_top5": record.get("val_top5_error_pct"),
+               "error/test_top5": record.get("test_top5_error_pct"),
                "lr": record["lr"], "time/epoch_train_s": record["epoch_train_time_s"],
                "throughput/train_images_per_s": record["images_per_s"],
                "depth/active_blocks_mean": record["active_blocks_mean"],

@@ -81,3 +81,43 @@ def write_image_folder(root: Path, classes=("cat", "dog", "ship"), per_class=(6,
 @pytest.fixture
 def cifar10_root(tmp_path: Path) -> Path:
     return write_cifar_pickles(tmp_path / "cifar10")
+
+
+def write_svhn_mats(root: Path, per_class=(6, 4, 2), seed: int = 0) -> Path:
+    """train_32x32.mat, extra_32x32.mat, test_32x32.mat in SVHN's format (scipy.io, MATLAB v5):
+    X uint8 (32, 32, 3, N), y (N, 1) with label 10 for the digit 0.
+
+    Every image carries its digit in pixel (row 0, col 0, channel 0), its file (0 train,
+    1 extra, 2 test) in (row 0, col 1, channel 0) and a marker 255 at (row 1, col 2,
+    channel 1), so a reader's label mapping, provenance and axis order can be checked.
+    """
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for source, (name, n) in enumerate(zip(("train", "extra", "test"), per_class)):
+        digits = rng.permutation(np.repeat(np.arange(10), n))
+        x = rng.integers(0, 200, (32, 32, 3, len(digits)), dtype=np.uint8)
+        x[0, 0, 0, :] = digits
+        x[0, 1, 0, :] = source
+        x[1, 2, 1, :] = 255
+        y = np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]
+        savemat(root / f"{name}_32x32.mat", {"X": x, "y": y})
+    return root
+
+
+def write_imagenet_folder(root: Path, wnids=("n01440764", "n01443537", "n01484850"), per_class=(5, 2),
+                          seed: int = 0) -> Path:
+    """train/<wnid>/*.JPEG and val/<wnid>/*.JPEG: real JPEGs of assorted sizes, as ImageNet is laid out."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for wnid in wnids:
+            d = root / split / wnid
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = rng.integers(40, 72, 2)
+                pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{wnid}_{i}.JPEG", format="JPEG")
+    return root

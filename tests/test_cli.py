@@ -15,7 +15,7 @@ def test_help_lists_subcommands(tmp_path):
     r = run_sdrun("--help", cwd=tmp_path)
     assert r.returncode == 0 and "train" in r.stdout
     r = run_sdrun("train", "--help", cwd=tmp_path)
-    assert r.returncode == 0 and "dataset: cifar10, cifar100, digits" in r.stdout
+    assert r.returncode == 0 and "dataset: cifar10, cifar100, digits, imagenet, svhn" in r.stdout
 
 
 def test_cfg_job_shows_the_dataset_recipe(tmp_path):

@@ -1,0 +1,71 @@
+"""Evaluation points and the best-validation selection (the paper's protocol).
+
+A run evaluates at the end of every epoch and, with eval_every_steps = N, also after every
+N-th training step (the paper checks SVHN's validation error every 200 iterations, about
+24 times an epoch). The selected evaluation is the first one with the lowest validation
+error; its test error is the run's headline number. Without a validation set the latest
+evaluation is the selected one.
+
+Test errors are always measured at epoch ends (the per-epoch curves). At a step inside an
+epoch the test set is only evaluated when the validation error is a new best: that is the
+only test number the protocol uses, and it spares evaluating SVHN's 26k test images every
+200 steps.
+
+Step evaluations (epoch ends included) go to `evals.jsonl`, one line each, and to
+TensorBoard under `error_by_step/*` with the global step as x-axis, in the run's `by_step/`
+event file (its own file so that a resumed run can purge it by step while the per-epoch
+curves are purged by epoch); `metrics.jsonl` stays one line per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+from sdrun.io import append_jsonl
+
+
+class Evaluator:
+    """Runs the evaluations of one run and keeps the selected one in `best` (checkpointed)."""
+
+    def __init__(self, error_of: Callable[[str], tuple[float, float]], has_val: bool,
+                 every_steps: int | None, top5: bool, run_dir: Path, sync: Callable[[], None]):
+        self.error_of = error_of  # "val" | "test" -> (top-1 error %, top-5 error %)
+        self.has_val, self.every_steps, self.top5 = has_val, every_steps, top5
+        self.path = Path(run_dir) / "evals.jsonl"
+        self.writer = None  # a SummaryWriter for the step-axis curves, set when every_steps is
+        self.sync = sync
+        self.best = {"val_error_pct": math.inf if has_val else None, "epoch": None, "step": None,
+                     "test_error_pct": None, "test_top5_error_pct": None}
+        self.seconds = 0.0  # wall time spent evaluating, so the caller can leave it out of training time
+
+    def due_inside_epoch(self, step_in_epoch: int, steps_in_epoch: int, step: int) -> bool:
+        """A step evaluation is due (the epoch's last step is left to the epoch-end evaluation)."""
+        return self.every_steps is not None and step % self.every_steps == 0 and step_in_epoch < steps_in_epoch
+
+    def run(self, step: int, epoch: float, epoch_end: bool) -> dict:
+        """Evaluate the test-time network at global `step` (`epoch`: epochs completed, fractional
+        inside an epoch) and update the selection. Returns the evaluation's record."""
+        self.sync()
+        t0 = time.perf_counter()
+        val = self.error_of("val") if self.has_val else (None, None)
+        new_best = val[0] is None or val[0] < self.best["val_error_pct"]
+        test = self.error_of("test") if new_best or epoch_end else (None, None)
+        if new_best:
+            self.best = {"val_error_pct": val[0], "epoch": epoch, "step": step,
+                         "test_error_pct": test[0], "test_top5_error_pct": test[1] if self.top5 else None}
+        self.seconds += time.perf_counter() - t0
+
+        record = {"step": step, "epoch": epoch, "val_error_pct": val[0], "test_error_pct": test[0]}
+        if self.top5:
+            record.update(val_top5_error_pct=val[1], test_top5_error_pct=test[1])
+        record["best_val_error_pct"] = self.best["val_error_pct"]
+        if self.every_steps is not None:
+            append_jsonl(self.path, record)
+            for key, tag in (("val_error_pct", "val"), ("test_error_pct", "test"),
+                             ("val_top5_error_pct", "val_top5"), ("test_top5_error_pct", "test_top5")):
+                if record.get(key) is not None:
+                    self.writer.add_scalar(f"error_by_step/{tag}", record[key], step)
+        return record
