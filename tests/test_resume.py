@@ -203,3 +203,19 @@ def test_file_size_limit_during_checkpoint_is_a_one_line_error(tmp_path):
     assert "could not write" in err and "checkpoint.pt" in err and "File too large" in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not list((tmp_path / "run").glob(".checkpoint.pt.*"))
+
+
+def test_resume_with_step_evaluations_is_bit_identical(tmp_path):
+    """eval_every_steps (SVHN's protocol): evals.jsonl and the best-val step survive a kill too."""
+    run = [*RUN, "eval_every_steps=3"]
+    r = run_sdrun("train", *run, "hydra.run.dir=base", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed"
+    r = subprocess.run([sys.executable, "-c", KILLER, "3", "before", *run, f"hydra.run.dir={killed}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = run_sdrun("train", *run, f"hydra.run.dir={killed}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same(outcome(killed), outcome(tmp_path / "base"))
+    assert read_jsonl(killed / "evals.jsonl") == read_jsonl(tmp_path / "base" / "evals.jsonl")
+    assert json.loads((killed / "results.json").read_text())["best_val_step"] is not None
