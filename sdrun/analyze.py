@@ -349,12 +349,6 @@ def format_table(results: Sequence[dict]) -> str:
 
 # ---------------------------------------------------------------- command line
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other sdrun error
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -388,7 +382,9 @@ def _lesion_set(text: str) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sdrun analyze", description=(
+    from sdrun.cli import ArgParser  # one-line usage errors, like every other sdrun command
+
+    p = ArgParser(prog="sdrun analyze", description=(
         "Test the implicit-ensemble explanation on a trained run: test-time rule vs Monte-Carlo "
         "ensembles of sampled sub-networks, lesions of single blocks, random removal of blocks. "
         "Writes analysis.json, report.txt and PNG plots to --out."))

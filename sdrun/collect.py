@@ -270,3 +270,21 @@ def cohorts(groups: list[Group]) -> dict[tuple, list[Group]]:
     for g in groups:
         out[g.cohort].append(g)
     return dict(out)
+
+
+def load_groups(dirs: list[str]) -> tuple[list[Group], list[str]]:
+    """find_runs + group_runs for the report commands, printing skipped runs to stderr.
+
+    Raises RunsError for a missing directory and NoRuns when nothing finished is there."""
+    import sys
+
+    runs, skipped = find_runs(dirs)
+    for s in skipped:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    if not runs:
+        raise NoRuns(f"no finished runs below {', '.join(dirs)} ({len(skipped)} skipped)")
+    return group_runs(runs)
+
+
+class NoRuns(RunsError):
+    """The directories exist but hold no finished run (exit code 1, not a usage error)."""

@@ -19,17 +19,24 @@ class ConfigError(ValueError):
     """A bad setting; the CLI prints its message on one line and exits non-zero."""
 
 
-class Survival(str, Enum):
+class Choice(str, Enum):
+    """A string enum whose str() is its value (so ${survival} in a path reads 'linear')."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Survival(Choice):
     linear = "linear"
     uniform = "uniform"
 
 
-class BranchScaling(str, Enum):
+class BranchScaling(Choice):
     paper = "paper"        # train: branch x 1 when it runs; test: branch x p_l
     inverted = "inverted"  # train: branch / p_l when it runs; test: branch x 1
 
 
-class Toggle(str, Enum):
+class Toggle(Choice):
     """A setting whose 'auto' value depends on the device (see sdrun.train.resolve_runtime)."""
     auto = "auto"
     on = "on"

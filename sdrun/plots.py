@@ -24,7 +24,7 @@ from typing import Callable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sdrun.collect import Group, RunsError, cohorts, find_runs, group_runs, variant_labels
+from sdrun.collect import Group, NoRuns, RunsError, cohorts, load_groups, variant_labels
 
 ERROR_KEY = "test_error_at_best_val_pct"
 GRAD_KEY = "grad_mean_abs"      # per-epoch list, one value per block (element 0: block 1), null if it never ran
@@ -247,14 +247,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     try:
-        runs, skipped_runs = find_runs(args.dirs)
+        groups, notes = load_groups(args.dirs)
     except RunsError as e:
-        return parser.fail(str(e))
-    for s in skipped_runs:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
-    if not runs:
-        return parser.fail(f"no finished runs below {', '.join(args.dirs)} ({len(skipped_runs)} skipped)", code=1)
-    groups, notes = group_runs(runs)
+        return parser.fail(str(e), code=1 if isinstance(e, NoRuns) else 2)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     figures, skipped = make_figures(groups)

@@ -20,7 +20,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from sdrun import paper
-from sdrun.collect import Group, RunsError, cohorts, find_runs, group_runs
+from sdrun.collect import Group, NoRuns, RunsError, cohorts, load_groups
 
 TABLE1_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n", "seeds",
                  "test_error_pct_mean", "test_error_pct_std", "paper_test_error_pct", "diff_vs_paper_pct"]
@@ -185,14 +185,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     try:
-        runs, skipped = find_runs(args.dirs)
+        groups, notes = load_groups(args.dirs)
     except RunsError as e:
-        return parser.fail(str(e))
-    for s in skipped:
-        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
-    if not runs:
-        return parser.fail(f"no finished runs below {', '.join(args.dirs)} ({len(skipped)} skipped)", code=1)
-    groups, notes = group_runs(runs)
+        return parser.fail(str(e), code=1 if isinstance(e, NoRuns) else 2)
     t1, t2 = table1_rows(groups), table2_rows(groups)
     md = markdown(t1, t2, notes)
     print(md)

@@ -15,7 +15,6 @@ import logging
 import platform
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext

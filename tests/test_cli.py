@@ -1,7 +1,6 @@
 """End to end through the real console script, in subprocesses."""
 
 import json
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
