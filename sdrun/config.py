@@ -36,6 +36,12 @@ class Toggle(str, Enum):
     off = "off"
 
 
+class Loader(str, Enum):
+    """How training batches are made (see sdrun.cifar_loader)."""
+    device = "device"          # uint8 split on the training device, batched augmentation there
+    dataloader = "dataloader"  # torch DataLoader + torchvision transforms, per image, on the host
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING           # cifar10 | cifar100 | digits (| svhn | imagenet)
@@ -48,6 +54,7 @@ class DatasetConfig:
     val_size: int = 5000          # held out from the training split with the run's seed
     translate: int = 4            # random translation of up to this many pixels (0 = off)
     flip: bool = True             # random horizontal flip with p = 0.5
+    loader: Loader = Loader.device  # device | dataloader (num_workers applies to the latter)
 
 
 @dataclass
@@ -85,6 +92,7 @@ class TrainConfig:
     bf16: Toggle = Toggle.auto    # bf16 autocast; auto = on for CUDA devices that support it
     channels_last: Toggle = Toggle.auto  # auto = on for CUDA (measured faster there)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
+    compile: bool = False         # torch.compile each residual branch separately (sdrun.speed)
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun

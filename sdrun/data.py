@@ -5,7 +5,7 @@ readers, kept as uint8 (N, C, H, W) on the training device, and every training b
 gathered, normalised, translated and flipped there with batched tensor ops (as airbench
 does): no per-image Python and no DataLoader workers in the training loop.
 
-Order and augmentation come from one dedicated CPU generator, so the batches of a run
+Order and augmentation come from two dedicated CPU generators, so the batches of a run
 are the same on the CPU and on a GPU, and restorable from a checkpoint.
 """
 
@@ -227,16 +227,19 @@ class TrainBatches:
         self.split, self.normalizer = split, normalizer
         self.batch_size, self.translate, self.flip = batch_size, translate, flip
         self.max_steps, self.channels_last = max_steps, channels_last
+        # Order and augmentation draw from separate streams, so the order of a seed does not
+        # depend on the augmentation settings and equals the DataLoader path's (sdrun.cifar_loader).
         self.generator = cpu_generator(seed, "data")
+        self.augment_generator = cpu_generator(seed, "augment")
 
     def __len__(self) -> int:
         steps = -(-len(self.split) // self.batch_size)  # the last, smaller batch is kept
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g, t = self.generator, self.translate
+        g, t = self.augment_generator, self.translate
         device = self.split.images.device
-        order = torch.randperm(len(self.split), generator=g)
+        order = torch.randperm(len(self.split), generator=self.generator)
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             n = len(idx)
@@ -251,10 +254,11 @@ class TrainBatches:
             yield x, self.split.labels[idx]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "augment": self.augment_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.augment_generator.set_state(state["augment"])
 
 
 def eval_batches(split: Split, normalizer: Normalizer, batch_size: int,

@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from sdrun.cifar_loader import make_train_batches
 from sdrun.config import Toggle, to_plain, validate
-from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
+from sdrun.data import Normalizer, eval_batches, load_image_data
 from sdrun.io import append_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
+from sdrun.speed import compile_branches
 from sdrun.stochastic import GateSampler, expected_active_blocks
 
 log = logging.getLogger("sdrun")
@@ -124,17 +126,19 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     seed_global(cfg.seed)
 
     # ---- data: uint8 on the device, normalised and augmented per batch there
+    # (or dataset.loader=dataloader: a torch DataLoader with torchvision transforms)
     data = load_image_data(cfg.dataset, cfg.seed)
-    normalizer = Normalizer.fit(data.train.images).to(rt.device)
-    train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
-                                          for s in (data.train, data.val, data.test))
-    batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
-                           cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+    normalizer = Normalizer.fit(data.train.images)
+    batches = make_train_batches(cfg, data.train, normalizer, rt.device, rt.channels_last)
+    normalizer = normalizer.to(rt.device)
+    val_split, test_split = (s.to(rt.device) if s is not None else None for s in (data.val, data.test))
 
     # ---- model, optimiser, gates
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
                         cfg.survival.value, cfg.model.scaling.value, cfg.model.shortcut_pool)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    if cfg.compile:
+        compile_branches(model)
     optimizer = make_optimizer(model, cfg.optim)
     gates = GateSampler(model.survival_probs, derive_seed(cfg.seed, "gates"))
     num_blocks = len(model.survival_probs)
