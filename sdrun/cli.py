@@ -15,6 +15,7 @@ Reproduce "Deep Networks with Stochastic Depth" (Huang et al., ECCV 2016).
 
 commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
+  bench     measure the stochastic-depth saving, trainer overhead, eval speed (sdrun bench --help)
 
 examples:
   sdrun train                              # the offline digits demo
@@ -99,7 +100,12 @@ def run_train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train}
+def run_bench(argv: list[str]) -> int:
+    from sdrun.bench import run_bench
+    return run_bench(argv)
+
+
+COMMANDS = {"train": run_train, "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> None:
