@@ -11,9 +11,9 @@ Sections (--sections, all by default; `compile` only on CUDA unless asked for):
             pre-made tensors with the same model, gates and device; plus the per-epoch
             checkpoint write, as a fraction of a full CIFAR epoch.
   eval      test-time (every block, branch x p_l) images/s through sdrun.train.evaluate.
-  deep      `sd` and `eval` for ResNet-1202 with fewer steps.
   compile   eager vs per-branch torch.compile, p_L = 1.0 and 0.5: images/s and the projected
             time of the paper's 500 CIFAR epochs (45k images each, training only).
+  deep      `sd` and `eval` for ResNet-1202 with fewer steps.
 Peak memory: CUDA max_memory_allocated per measurement; on the CPU the process's peak RSS
 (monotone over the run, so only an upper bound for the later sections).
 """
@@ -34,18 +34,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+
+from sdrun.config import ConfigError, Toggle, register_configs
+from sdrun.data import Normalizer, Split, eval_batches
+from sdrun.io import save_checkpoint
+from sdrun.models import build_model
+from sdrun.rng import derive_seed, seed_global
+from sdrun.speed import compile_branches
+from sdrun.stochastic import GateSampler, expected_active_blocks, survival_probs
+from sdrun.train import autocast, evaluate, make_optimizer, resolve_runtime, software_versions, train
 
 CIFAR_TRAIN_IMAGES = 45_000
 PAPER_EPOCHS = 500
-SECTIONS = ("sd", "layout", "overhead", "eval", "deep", "compile")
+SECTIONS = ("sd", "layout", "overhead", "eval", "compile", "deep")
 
 
 # ---------------------------------------------------------------- helpers
 
 def runtime(device: str, channels_last: str = "auto", bf16: str = "auto"):
-    from sdrun.config import Toggle
-    from sdrun.train import resolve_runtime
     return resolve_runtime(OmegaConf.create({"device": device, "bf16": Toggle(bf16),
                                              "channels_last": Toggle(channels_last), "deterministic": False}))
 
@@ -76,12 +84,6 @@ class Stepper:
     """A model, its optimiser, its gate sampler and one pre-made batch: the trainer's step, bare."""
 
     def __init__(self, depth: int, p_last: float, rt, batch_size: int, seed: int = 1, compile: bool = False):
-        from sdrun.models import build_model
-        from sdrun.rng import derive_seed, seed_global
-        from sdrun.speed import compile_branches
-        from sdrun.stochastic import GateSampler
-        from sdrun.train import make_optimizer
-
         seed_global(seed)
         self.rt = rt
         fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
@@ -98,7 +100,6 @@ class Stepper:
 
     def steps(self, n: int, batches: list | None = None) -> tuple[float, int]:
         """Run n training steps; (seconds, blocks run). The body is sdrun.train's step."""
-        from sdrun.train import autocast
         self.model.train()
         active = 0
         sync(self.rt.device)
@@ -139,7 +140,6 @@ def interleaved(steppers: dict[str, Stepper], steps: int, repeats: int, warmup: 
 # ---------------------------------------------------------------- sections
 
 def bench_sd(depth: int, rt, a) -> dict:
-    from sdrun.stochastic import expected_active_blocks, survival_probs
     reset_peak(rt.device)
     steppers = {"pL=1.0": Stepper(depth, 1.0, rt, a.batch_size), "pL=0.5": Stepper(depth, 0.5, rt, a.batch_size)}
     res = interleaved(steppers, a.steps if depth == a.depth else a.deep_steps,
@@ -163,8 +163,6 @@ def bench_layout(a) -> dict:
 
 
 def bench_eval(depth: int, rt, a) -> dict:
-    from sdrun.data import Normalizer, Split, eval_batches
-    from sdrun.train import evaluate
     reset_peak(rt.device)
     stepper = Stepper(depth, 0.5, rt, a.batch_size)
     n = a.eval_images if depth == a.depth else a.eval_images // 4
@@ -186,12 +184,6 @@ def bench_eval(depth: int, rt, a) -> dict:
 
 def bench_overhead(rt, a) -> dict:
     """Real sdrun.train epochs vs the bare step loop over the same gates on pre-made batches."""
-    from hydra import compose, initialize_config_module
-
-    from sdrun.config import register_configs
-    from sdrun.io import save_checkpoint
-    from sdrun.train import train
-
     register_configs()
     steps = a.trainer_steps
     overrides = ["dataset=digits", f"depth={a.depth}", f"batch_size={a.batch_size}", "epochs=2",
@@ -209,8 +201,6 @@ def bench_overhead(rt, a) -> dict:
         for r in range(a.trainer_repeats):
             # The trainer's second epoch (the first warms up) against the bare loop drawing the
             # same gates: the sampler restarts from the run's seed, skips epoch 1's draws.
-            from sdrun.rng import derive_seed
-            from sdrun.stochastic import GateSampler
             bare.gates = GateSampler(bare.model.survival_probs, derive_seed(cfg.seed, "gates"))
             bare.steps(steps, batches)
             dt, _ = bare.steps(steps, batches)
@@ -266,7 +256,6 @@ def bench_compile(rt, a) -> dict:
 # ---------------------------------------------------------------- command
 
 def environment(rt) -> dict:
-    from sdrun.train import software_versions
     env = {"device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "load_avg_1_5_15_at_start": os.getloadavg(), "processor": platform.processor(),
@@ -282,8 +271,16 @@ def environment(rt) -> dict:
     return env
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the usage stays behind --help), exit code 2."""
+
+    def error(self, message: str):
+        print(f"sdrun bench: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sdrun bench", description=__doc__.split("\n\n")[0],
+    p = OneLineErrors(prog="sdrun bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--sections", default=None,
@@ -314,7 +311,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_bench(argv: list[str]) -> int:
-    from sdrun.config import ConfigError
     a = parse(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
