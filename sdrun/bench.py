@@ -148,6 +148,8 @@ def bench_sd(depth: int, rt, a) -> dict:
     sd, const = res["pL=0.5"], res["pL=1.0"]
     return {"depth": depth, "batch_size": a.batch_size, "runs": res,
             "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
+            # Each repeat's pair was timed back to back: robust to load that drifts over the run.
+            "ratio_paired_median": median([s / c for s, c in zip(sd["step_s_all"], const["step_s_all"])]),
             "theory_expected_compute": expected_active_blocks(survival_probs(num_blocks, 0.5)) / num_blocks,
             "theory_for_timed_gates": sd["active_blocks_mean"] / num_blocks,
             **peak_memory(rt.device)}
@@ -378,6 +380,7 @@ def print_sd(r: dict) -> None:
     c, s = r["runs"]["pL=1.0"], r["runs"]["pL=0.5"]
     print(f"sd       ResNet-{r['depth']} batch {r['batch_size']}: pL=1.0 {c['step_s_median']:.3f} s/step, "
           f"pL=0.5 linear {s['step_s_median']:.3f} s/step: ratio {r['ratio_sd_over_constant']:.3f} "
+          f"(median of paired repeats {r['ratio_paired_median']:.3f}) "
           f"(theory {r['theory_expected_compute']:.3f}; blocks run in the timed steps "
           f"{r['theory_for_timed_gates']:.3f}); peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
           f"({r['peak_memory_kind']})", flush=True)
