@@ -19,6 +19,7 @@ commands:
   table     Tables 1 and 2 from finished runs, beside the paper's figures
   plot      Figs. 3, 7 and 8 from finished runs (PNG and PDF)
   analyze   test the implicit-ensemble claim on a trained run (sdrun analyze --help)
+  bench     measure the stochastic-depth saving, trainer overhead, eval speed (sdrun bench --help)
 
 examples:
   sdrun train                              # the offline digits demo
@@ -166,7 +167,13 @@ def run_analyze(argv: list[str]) -> int:
     return analyze_main(argv)
 
 
-COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot, "analyze": run_analyze}
+def run_bench(argv: list[str]) -> int:
+    from sdrun.bench import run_bench
+    return run_bench(argv)
+
+
+COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot, "analyze": run_analyze,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,12 @@ class Toggle(Choice):
     off = "off"
 
 
+class Loader(str, Enum):
+    """How training batches are made (see sdrun.cifar_loader)."""
+    device = "device"          # uint8 split on the training device, batched augmentation there
+    dataloader = "dataloader"  # torch DataLoader + torchvision transforms, per image, on the host
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING           # cifar10 | cifar100 | digits | svhn | imagenet
@@ -60,6 +66,7 @@ class DatasetConfig:
     val_per_class: list[int] = field(default_factory=lambda: [400, 200])
     resize_size: int = 256        # imagenet: evaluation resizes the short side to this, then centre-crops image_size
     top5: bool = False            # also log top-5 errors (imagenet)
+    loader: Loader = Loader.device  # device | dataloader (num_workers applies to the latter)
 
 
 @dataclass
@@ -101,8 +108,9 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # cap for smoke runs; None = full epochs
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     bf16: Toggle = Toggle.auto    # bf16 autocast; auto = on for CUDA devices that support it
-    channels_last: Toggle = Toggle.auto  # auto = on for CUDA (measured faster there)
+    channels_last: Toggle = Toggle.auto  # auto = on (measured faster on CUDA and CPU: sdrun bench)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
+    compile: bool = False         # torch.compile each residual branch separately (sdrun.speed)
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
     # also evaluate every N training steps (None = at epoch ends only); the best-validation

@@ -5,7 +5,7 @@ readers, kept as uint8 (N, C, H, W) on the training device, and every training b
 gathered, normalised, translated and flipped there with batched tensor ops (as airbench
 does): no per-image Python and no DataLoader workers in the training loop.
 
-Order and augmentation come from one dedicated CPU generator, so the batches of a run
+Order and augmentation come from two dedicated CPU generators, so the batches of a run
 are the same on the CPU and on a GPU, and restorable from a checkpoint.
 """
 
@@ -284,13 +284,16 @@ def translate_and_flip(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Te
     if pad == 0 and not bool(flip.any()):
         return x
     dev = x.device
-    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
-    rows = (shift_y + pad).to(dev)[:, None] + torch.arange(h, device=dev)
-    cols = (shift_x + pad).to(dev)[:, None] + torch.arange(w, device=dev)
-    cols = torch.where(flip.to(dev)[:, None], cols.flip(1), cols)
-    return padded[torch.arange(n, device=dev)[:, None, None, None],
-                  torch.arange(c, device=dev)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    if pad:
+        # Every (2pad+1)^2 crop of the zero-padded batch as one strided view; a single gather
+        # then copies each image's crop (2.5x faster on the CPU than indexing every pixel).
+        windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2p+1, 2p+1, h, w)
+        x = windows[torch.arange(n, device=dev), :, (shift_y + pad).to(dev), (shift_x + pad).to(dev)]
+    # The parameters are CPU tensors (drawn from a CPU generator), so this never syncs a GPU.
+    flipped = flip.nonzero().flatten().to(dev)
+    if len(flipped):
+        x = x.index_copy(0, flipped, x.index_select(0, flipped).flip(3))
+    return x
 
 
 class TrainBatches:
@@ -301,16 +304,19 @@ class TrainBatches:
         self.split, self.normalizer = split, normalizer
         self.batch_size, self.translate, self.flip = batch_size, translate, flip
         self.max_steps, self.channels_last = max_steps, channels_last
+        # Order and augmentation draw from separate streams, so the order of a seed does not
+        # depend on the augmentation settings and equals the DataLoader path's (sdrun.cifar_loader).
         self.generator = cpu_generator(seed, "data")
+        self.augment_generator = cpu_generator(seed, "augment")
 
     def __len__(self) -> int:
         steps = -(-len(self.split) // self.batch_size)  # the last, smaller batch is kept
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g, t = self.generator, self.translate
+        g, t = self.augment_generator, self.translate
         device = self.split.images.device
-        order = torch.randperm(len(self.split), generator=g)
+        order = torch.randperm(len(self.split), generator=self.generator)
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             n = len(idx)
@@ -325,10 +331,11 @@ class TrainBatches:
             yield x, self.split.labels[idx]
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "augment": self.augment_generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+        self.augment_generator.set_state(state["augment"])
 
 
 def eval_batches(split: Split, normalizer: Normalizer, batch_size: int,

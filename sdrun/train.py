@@ -21,21 +21,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from sdrun.cifar_loader import make_train_batches
 from sdrun.config import Toggle, to_plain, validate
-from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
+from sdrun.data import Normalizer, eval_batches, load_image_data
 from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
-import numpy as np
-
 from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
+from sdrun.speed import compile_branches
 from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard
 
@@ -58,9 +59,10 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     on_cuda = device.type == "cuda"
     bf16 = {Toggle.on: True, Toggle.off: False,
             Toggle.auto: on_cuda and torch.cuda.is_bf16_supported()}[cfg.bf16]
-    # channels_last: faster for convolutions on CUDA tensor cores; on the CPU it is off by
-    # default until scripts/bench.py measures it to be faster there.
-    channels_last = {Toggle.on: True, Toggle.off: False, Toggle.auto: on_cuda}[cfg.channels_last]
+    # channels_last: faster for convolutions on CUDA tensor cores, and measured faster on the
+    # CPU too (`sdrun bench --sections layout`: ResNet-110 training step x1.49 with oneDNN on
+    # the 2-core AMD EPYC dev machine), so `auto` means on for both.
+    channels_last = {Toggle.on: True, Toggle.off: False, Toggle.auto: True}[cfg.channels_last]
     if on_cuda:
         torch.backends.cudnn.benchmark = not cfg.deterministic
     if cfg.deterministic:
@@ -184,7 +186,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     rt = resolve_runtime(cfg)
     seed_global(cfg.seed)
 
-    # ---- data: uint8 on the device, normalised and augmented per batch there; ImageNet is
+    # ---- data: uint8 on the device, normalised and augmented per batch there (or, with
+    # dataset.loader=dataloader, a DataLoader with torchvision transforms); ImageNet is
     # decoded from JPEGs per batch by DataLoader workers instead (sdrun.imagenet)
     if cfg.dataset.name == "imagenet":
         from sdrun.imagenet import load_imagenet
@@ -192,11 +195,10 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         normalizer, batches, eval_sets = data.normalizer, data.train_batches, data.eval_sets
     else:
         data = load_image_data(cfg.dataset, cfg.seed)
-        normalizer = Normalizer.fit(data.train.images).to(rt.device)
-        train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
-                                              for s in (data.train, data.val, data.test))
-        batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
-                               cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+        normalizer = Normalizer.fit(data.train.images)
+        batches = make_train_batches(cfg, data.train, normalizer, rt.device, rt.channels_last)
+        normalizer = normalizer.to(rt.device)
+        val_split, test_split = (s.to(rt.device) if s is not None else None for s in (data.val, data.test))
 
         def passes(split):  # a fresh pass over an evaluation split on each call; None without the split
             return None if split is None else lambda: eval_batches(split, normalizer, cfg.eval_batch_size,
@@ -207,6 +209,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
                         cfg.survival.value, cfg.model.scaling.value, cfg.model.shortcut_pool)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
+    if cfg.compile:
+        compile_branches(model)
     optimizer = make_optimizer(model, cfg.optim)
     gates = GateSampler(model.survival_probs, derive_seed(cfg.seed, "gates"))
     num_blocks = len(model.survival_probs)

@@ -1,0 +1,386 @@
+"""`sdrun bench`: does stochastic depth turn dropped blocks into saved time, and does the trainer
+add nothing on top? Everything is measured in one process, configurations interleaved.
+
+Sections (--sections, all by default; `compile` only on CUDA unless asked for):
+  sd        training step time at batch 128, p_L = 0.5 linear vs 1.0 (constant depth): medians
+            over repeats, their ratio beside the expected residual compute sum(p_l)/L (0.746
+            for L = 54) and beside the fraction of blocks the timed steps actually ran.
+  layout    the same step in channels_last vs contiguous memory (decides the trainer's `auto`).
+  overhead  images/s of real `sdrun.train.train` epochs (data path, augmentation, statistics,
+            logging; on the embedded digits, CIFAR-shaped) vs a bare forward/backward loop over
+            pre-made tensors with the same model, gates and device; plus the per-epoch
+            checkpoint write, as a fraction of a full CIFAR epoch.
+  eval      test-time (every block, branch x p_l) images/s through sdrun.train.evaluate.
+  compile   eager vs per-branch torch.compile, p_L = 1.0 and 0.5: images/s and the projected
+            time of the paper's 500 CIFAR epochs (45k images each, training only).
+  deep      `sd` and `eval` for ResNet-1202 with fewer steps.
+Peak memory: CUDA max_memory_allocated per measurement; on the CPU the process's peak RSS
+(monotone over the run, so only an upper bound for the later sections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from sdrun.config import ConfigError, Toggle, register_configs
+from sdrun.data import Normalizer, Split, eval_batches
+from sdrun.io import save_checkpoint
+from sdrun.models import build_model
+from sdrun.rng import derive_seed, seed_global
+from sdrun.speed import compile_branches
+from sdrun.stochastic import GateSampler, expected_active_blocks, survival_probs
+from sdrun.train import autocast, evaluate, make_optimizer, resolve_runtime, software_versions, train
+
+CIFAR_TRAIN_IMAGES = 45_000
+PAPER_EPOCHS = 500
+SECTIONS = ("sd", "layout", "overhead", "eval", "compile", "deep")
+
+
+# ---------------------------------------------------------------- helpers
+
+def runtime(device: str, channels_last: str = "auto", bf16: str = "auto"):
+    return resolve_runtime(OmegaConf.create({"device": device, "bf16": Toggle(bf16),
+                                             "channels_last": Toggle(channels_last), "deterministic": False}))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
+    # ru_maxrss is in KiB on Linux.
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "process_peak_rss"}
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class Stepper:
+    """A model, its optimiser, its gate sampler and one pre-made batch: the trainer's step, bare."""
+
+    def __init__(self, depth: int, p_last: float, rt, batch_size: int, seed: int = 1, compile: bool = False):
+        seed_global(seed)
+        self.rt = rt
+        fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
+        self.model = build_model("cifar_resnet", depth, 10, p_last, "linear").to(rt.device, memory_format=fmt)
+        if compile:
+            compile_branches(self.model)
+        self.optimizer = make_optimizer(self.model, OmegaConf.create(
+            {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}))
+        self.gates = GateSampler(self.model.survival_probs, derive_seed(seed, "gates"))
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch_size, 3, 32, 32, generator=g).to(rt.device, memory_format=fmt)
+        self.y = torch.randint(0, 10, (batch_size,), generator=g).to(rt.device)
+        self.num_blocks = len(self.model.survival_probs)
+
+    def steps(self, n: int, batches: list | None = None) -> tuple[float, int]:
+        """Run n training steps; (seconds, blocks run). The body is sdrun.train's step."""
+        self.model.train()
+        active = 0
+        sync(self.rt.device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            x, y = batches[i % len(batches)] if batches else (self.x, self.y)
+            step_gates = self.gates.draw()
+            with autocast(self.rt):
+                loss = F.cross_entropy(self.model(x, step_gates), y)
+            self.optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            self.optimizer.step()
+            active += sum(step_gates)
+        sync(self.rt.device)
+        return time.perf_counter() - t0, active
+
+
+def interleaved(steppers: dict[str, Stepper], steps: int, repeats: int, warmup: int) -> dict:
+    """Per-step times of each stepper, repeats interleaved in ABBA order to cancel drift."""
+    for s in steppers.values():
+        s.steps(warmup)
+    names = list(steppers)
+    times = {n: [] for n in names}
+    active = {n: 0 for n in names}
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            dt, a = steppers[n].steps(steps)
+            times[n].append(dt / steps)
+            active[n] += a
+    out = {}
+    for n, s in steppers.items():
+        out[n] = {"step_s_median": median(times[n]), "step_s_all": times[n],
+                  "images_per_s": len(s.y) / median(times[n]),
+                  "active_blocks_mean": active[n] / (steps * repeats), "num_blocks": s.num_blocks}
+    return out
+
+
+# ---------------------------------------------------------------- sections
+
+def bench_sd(depth: int, rt, a) -> dict:
+    reset_peak(rt.device)
+    steppers = {"pL=1.0": Stepper(depth, 1.0, rt, a.batch_size), "pL=0.5": Stepper(depth, 0.5, rt, a.batch_size)}
+    res = interleaved(steppers, a.steps if depth == a.depth else a.deep_steps,
+                      a.repeats if depth == a.depth else a.deep_repeats, a.warmup)
+    num_blocks = res["pL=1.0"]["num_blocks"]
+    sd, const = res["pL=0.5"], res["pL=1.0"]
+    return {"depth": depth, "batch_size": a.batch_size, "runs": res,
+            "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
+            # Each repeat's pair was timed back to back: robust to load that drifts over the run.
+            "ratio_paired_median": median([s / c for s, c in zip(sd["step_s_all"], const["step_s_all"])]),
+            "theory_expected_compute": expected_active_blocks(survival_probs(num_blocks, 0.5)) / num_blocks,
+            "theory_for_timed_gates": sd["active_blocks_mean"] / num_blocks,
+            **peak_memory(rt.device)}
+
+
+def bench_layout(a) -> dict:
+    """channels_last vs contiguous for the same training step (p_L = 1.0, fixed compute)."""
+    steppers = {"contiguous": Stepper(a.depth, 1.0, runtime(a.device, "off"), a.batch_size),
+                "channels_last": Stepper(a.depth, 1.0, runtime(a.device, "on"), a.batch_size)}
+    res = interleaved(steppers, a.steps, a.repeats, a.warmup)
+    return {"depth": a.depth, "runs": res, "speedup_channels_last":
+            res["contiguous"]["step_s_median"] / res["channels_last"]["step_s_median"]}
+
+
+def bench_eval(depth: int, rt, a) -> dict:
+    reset_peak(rt.device)
+    stepper = Stepper(depth, 0.5, rt, a.batch_size)
+    n = a.eval_images if depth == a.depth else a.eval_images // 4
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (n,), generator=g)).to(rt.device)
+    norm = Normalizer.fit(split.images).to(rt.device)
+    run = lambda: evaluate(stepper.model, eval_batches(split, norm, a.eval_batch_size, rt.channels_last), rt)  # noqa: E731
+    run()  # warm-up
+    times = []
+    for _ in range(max(1, a.repeats // 2)):
+        sync(rt.device)
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"depth": depth, "images": n, "eval_batch_size": a.eval_batch_size,
+            "images_per_s": n / median(times), "seconds_all": times, **peak_memory(rt.device)}
+
+
+def bench_overhead(rt, a) -> dict:
+    """Real sdrun.train epochs vs the bare step loop over the same gates on pre-made batches."""
+    register_configs()
+    steps = a.trainer_steps
+    overrides = ["dataset=digits", f"depth={a.depth}", f"batch_size={a.batch_size}", "epochs=2",
+                 f"max_steps_per_epoch={steps}", "checkpoint=true", f"device={rt.device}",
+                 f"channels_last={'on' if rt.channels_last else 'off'}", f"bf16={'on' if rt.bf16 else 'off'}"]
+    with initialize_config_module(config_module="sdrun.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    trainer_ips, bare_ips, syncs = [], [], []
+    bare = Stepper(a.depth, cfg.pL, rt, a.batch_size, seed=cfg.seed)
+    g = torch.Generator().manual_seed(1)
+    fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
+    batches = [(torch.randn(a.batch_size, 3, 32, 32, generator=g).to(rt.device, memory_format=fmt),
+                torch.randint(0, 10, (a.batch_size,), generator=g).to(rt.device)) for _ in range(steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.trainer_repeats):
+            # The trainer's second epoch (the first warms up) against the bare loop drawing the
+            # same gates: the sampler restarts from the run's seed, skips epoch 1's draws.
+            bare.gates = GateSampler(bare.model.survival_probs, derive_seed(cfg.seed, "gates"))
+            bare.steps(steps, batches)
+            dt, _ = bare.steps(steps, batches)
+            bare_ips.append(steps * a.batch_size / dt)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if rt.device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    train(cfg, Path(tmp) / f"run{r}")
+                finally:
+                    if rt.device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("default")
+            syncs.append(sum("synchroniz" in str(w.message).lower() for w in caught))
+            rows = [json.loads(line) for line in (Path(tmp) / f"run{r}" / "metrics.jsonl").read_text().splitlines()]
+            trainer_ips.append(rows[-1]["images_per_s"])
+        # The per-epoch fixed cost the loop timing does not include: the checkpoint write.
+        t0 = time.perf_counter()
+        save_checkpoint(Path(tmp) / "ckpt.pt", {"model": bare.model.state_dict(),
+                                                "optimizer": bare.optimizer.state_dict()})
+        ckpt_s = time.perf_counter() - t0
+    t, b = median(trainer_ips), median(bare_ips)
+    full_epoch_s = CIFAR_TRAIN_IMAGES / t
+    out = {"depth": a.depth, "steps_per_epoch": steps, "trainer_images_per_s": t, "bare_images_per_s": b,
+           "trainer_images_per_s_all": trainer_ips, "bare_images_per_s_all": bare_ips,
+           "overhead_fraction": 1.0 - t / b, "checkpoint_write_s": ckpt_s,
+           "checkpoint_fraction_of_cifar_epoch": ckpt_s / full_epoch_s,
+           "data": "digits (embedded, 3x32x32, the device path with translation)"}
+    if rt.device.type == "cuda":
+        out["host_syncs_in_two_epochs_of_train"] = syncs
+    return out
+
+
+def bench_compile(rt, a) -> dict:
+    """Eager vs per-branch compiled, constant depth vs stochastic depth; projected 500 epochs."""
+    steppers = {f"{mode} pL={p}": Stepper(a.depth, p, rt, a.batch_size, compile=mode == "compiled")
+                for mode in ("eager", "compiled") for p in (1.0, 0.5)}
+    t0 = time.perf_counter()
+    for s in steppers.values():  # compile every branch shape before timing
+        s.steps(a.compile_warmup)
+    warm_s = time.perf_counter() - t0
+    res = interleaved(steppers, a.steps, a.repeats, 0)
+    for r in res.values():
+        r["projected_500_epochs_h"] = PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / r["images_per_s"] / 3600
+    return {"depth": a.depth, "runs": res, "warmup_and_compile_s": warm_s,
+            "speedup_compiled_pL=1.0": res["eager pL=1.0"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
+            "speedup_compiled_pL=0.5": res["eager pL=0.5"]["step_s_median"] / res["compiled pL=0.5"]["step_s_median"],
+            "ratio_sd_over_constant_compiled":
+                res["compiled pL=0.5"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
+            **peak_memory(rt.device)}
+
+
+# ---------------------------------------------------------------- command
+
+def environment(rt) -> dict:
+    env = {"device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+           "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+           "load_avg_1_5_15_at_start": os.getloadavg(), "processor": platform.processor(),
+           "versions": software_versions()}
+    try:
+        env["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if rt.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(rt.device)
+        env["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    return env
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the usage stays behind --help), exit code 2."""
+
+    def error(self, message: str):
+        print(f"sdrun bench: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = OneLineErrors(prog="sdrun bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; compile on CUDA only)")
+    p.add_argument("--depth", type=int, default=110)
+    p.add_argument("--deep-depth", type=int, default=1202)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
+    p.add_argument("--deep-steps", type=int, default=1)
+    p.add_argument("--deep-repeats", type=int, default=3)
+    p.add_argument("--trainer-steps", type=int, default=4, help="steps per epoch of the real trainer runs")
+    p.add_argument("--trainer-repeats", type=int, default=2)
+    p.add_argument("--eval-images", type=int, default=2000)
+    p.add_argument("--eval-batch-size", type=int, default=500)
+    p.add_argument("--compile-warmup", type=int, default=10, help="untimed steps that compile the branches")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--out", default="bench.json", help="where the JSON report goes")
+    a = p.parse_args(argv)
+    for name in ("steps", "repeats", "deep_steps", "deep_repeats", "trainer_steps", "trainer_repeats",
+                 "eval_images", "eval_batch_size", "batch_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.trainer_steps > 9:
+        p.error("--trainer-steps must be at most 9 (the embedded digits give 9 full batches of 128)")
+    return a
+
+
+def run_bench(argv: list[str]) -> int:
+    a = parse(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        rt = runtime(a.device)
+    except ConfigError as e:
+        print(f"sdrun bench: error: {e}", file=sys.stderr)
+        return 2
+    wanted = a.sections.split(",") if a.sections else [s for s in SECTIONS if s != "compile" or rt.device.type == "cuda"]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        print(f"sdrun bench: error: unknown section(s) {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})",
+              file=sys.stderr)
+        return 2
+    report = {"environment": environment(rt), "settings": vars(a), "command": sys.argv, "results": {}}
+    results = report["results"]
+    t_start = time.perf_counter()
+
+    def save():
+        report["environment"]["load_avg_1_5_15_at_end"] = os.getloadavg()
+        report["wall_time_s"] = time.perf_counter() - t_start
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"sdrun bench on {rt.device} ({report['environment'].get('gpu') or report['environment'].get('cpu_model', '')}, "
+          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}), bf16={rt.bf16} "
+          f"channels_last={rt.channels_last}", flush=True)
+    for section in [s for s in SECTIONS if s in wanted]:
+        if section == "sd":
+            r = results["sd"] = bench_sd(a.depth, rt, a)
+            print_sd(r)
+        elif section == "layout":
+            r = results["layout"] = bench_layout(a)
+            print(f"layout   ResNet-{a.depth}: contiguous {r['runs']['contiguous']['step_s_median']:.3f} s/step, "
+                  f"channels_last {r['runs']['channels_last']['step_s_median']:.3f} s/step "
+                  f"(channels_last speed-up x{r['speedup_channels_last']:.3f})", flush=True)
+        elif section == "overhead":
+            r = results["overhead"] = bench_overhead(rt, a)
+            print(f"overhead ResNet-{a.depth}: sdrun.train {r['trainer_images_per_s']:.1f} img/s vs bare loop "
+                  f"{r['bare_images_per_s']:.1f} img/s: overhead {100 * r['overhead_fraction']:.1f} %; "
+                  f"checkpoint {r['checkpoint_write_s']:.2f} s = {100 * r['checkpoint_fraction_of_cifar_epoch']:.3f} % "
+                  f"of a CIFAR epoch", flush=True)
+        elif section == "eval":
+            r = results["eval"] = bench_eval(a.depth, rt, a)
+            print(f"eval     ResNet-{a.depth}: {r['images_per_s']:.1f} img/s; peak memory "
+                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})", flush=True)
+        elif section == "deep" and a.deep_depth:
+            r = results["deep_sd"] = bench_sd(a.deep_depth, rt, a)
+            print_sd(r)
+            r = results["deep_eval"] = bench_eval(a.deep_depth, rt, a)
+            print(f"eval     ResNet-{a.deep_depth}: {r['images_per_s']:.1f} img/s; peak memory "
+                  f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})", flush=True)
+        elif section == "compile":
+            r = results["compile"] = bench_compile(rt, a)
+            for name, run in r["runs"].items():
+                print(f"compile  ResNet-{a.depth} {name}: {run['images_per_s']:.0f} img/s, "
+                      f"500 CIFAR epochs in {run['projected_500_epochs_h']:.2f} h", flush=True)
+        save()  # after every section, so an interrupted run keeps what it measured
+    save()
+    print(f"wrote {a.out}")
+    return 0
+
+
+def print_sd(r: dict) -> None:
+    c, s = r["runs"]["pL=1.0"], r["runs"]["pL=0.5"]
+    print(f"sd       ResNet-{r['depth']} batch {r['batch_size']}: pL=1.0 {c['step_s_median']:.3f} s/step, "
+          f"pL=0.5 linear {s['step_s_median']:.3f} s/step: ratio {r['ratio_sd_over_constant']:.3f} "
+          f"(median of paired repeats {r['ratio_paired_median']:.3f}) "
+          f"(theory {r['theory_expected_compute']:.3f}; blocks run in the timed steps "
+          f"{r['theory_for_timed_gates']:.3f}); peak memory {r['peak_memory_bytes'] / 2**20:.0f} MiB "
+          f"({r['peak_memory_kind']})", flush=True)
