@@ -134,6 +134,17 @@ def _is_cifar_depth(depth: int) -> bool:
     return depth >= 8 and (depth - 2) % 6 == 0
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot be used here, or None."""
+    if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
+        return f"device={device!r} must be auto, cpu, cuda or cuda:N"
+    if str(device).startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            return f"device={device} but CUDA is not available here (use device=cpu or auto)"
+    return None
+
+
 def validate(cfg: DictConfig | Any) -> None:
     """Range and consistency checks that types alone cannot express."""
     problems = []
@@ -178,12 +189,8 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append(f"dataset.translate={cfg.dataset.translate} must be >= 0")
     if cfg.model.shortcut_pool not in ("avg", "subsample"):
         problems.append(f"model.shortcut_pool={cfg.model.shortcut_pool!r} must be 'avg' or 'subsample'")
-    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
-        problems.append(f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
-    elif str(cfg.device).startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            problems.append(f"device={cfg.device} but CUDA is not available here (use device=cpu or auto)")
+    if device_problem(cfg.device):
+        problems.append(device_problem(cfg.device))
     if problems:
         raise ConfigError("; ".join(problems))
 

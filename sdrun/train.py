@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from sdrun.cifar_loader import make_train_batches
-from sdrun.config import Toggle, to_plain, validate
+from sdrun.config import ConfigError, Toggle, device_problem, to_plain, validate
 from sdrun.data import Normalizer, eval_batches, load_image_data
 from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
@@ -55,7 +55,9 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)  # validate() checked that CUDA is there if asked for
+        if device_problem(cfg.device):
+            raise ConfigError(device_problem(cfg.device))
+        device = torch.device(cfg.device)
     on_cuda = device.type == "cuda"
     bf16 = {Toggle.on: True, Toggle.off: False,
             Toggle.auto: on_cuda and torch.cuda.is_bf16_supported()}[cfg.bf16]
