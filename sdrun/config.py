@@ -85,6 +85,7 @@ class TrainConfig:
     bf16: Toggle = Toggle.auto    # bf16 autocast; auto = on for CUDA devices that support it
     channels_last: Toggle = Toggle.auto  # auto = on for CUDA (measured faster there)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
+    sync_bn: bool = False         # torchrun runs: SyncBatchNorm (CUDA only) instead of per-process BN statistics
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun

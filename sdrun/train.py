@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from sdrun.config import Toggle, to_plain, validate
+from sdrun import distributed
+from sdrun.config import ConfigError, Toggle, to_plain, validate
 from sdrun.data import Normalizer, TrainBatches, eval_batches, load_image_data
 import numpy as np
 
@@ -37,6 +39,8 @@ from sdrun.runs import CHECKPOINT, check_run_dir
 from sdrun.stochastic import GateSampler, expected_active_blocks
 
 log = logging.getLogger("sdrun")
+
+STOP_POLL = 10  # distributed: steps between the ranks' agreement on a SIGTERM/SIGINT
 
 
 @dataclass
@@ -91,16 +95,19 @@ def make_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.SGD
 
 
 @torch.inference_mode()
-def evaluate(model, batches, rt: Runtime) -> float:
-    """Top-1 error (%) of the test-time network (every branch scaled by p_l)."""
+def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed.SINGLE) -> float:
+    """Top-1 error (%) of the test-time network (every branch scaled by p_l).
+
+    Distributed: `batches` is this rank's slice of the split; the counts are summed over ranks.
+    """
     model.eval()
-    wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
-    count = 0
+    counts = torch.zeros(2, dtype=torch.int64, device=rt.device)  # wrong, seen
     for x, y in batches:
         with autocast(rt):
-            wrong += (model(x).argmax(1) != y).sum()
-        count += len(y)
-    return 100.0 * wrong.item() / max(count, 1)
+            counts[0] += (model(x).argmax(1) != y).sum()
+        counts[1] += len(y)
+    wrong, count = distributed.sum_(counts, ctx).tolist()
+    return 100.0 * wrong / max(count, 1)
 
 
 def autocast(rt: Runtime):
@@ -171,10 +178,15 @@ def set_rng_state(state: dict) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     validate(cfg)
+    ctx = distributed.init()  # torchrun's rank and world size; one process without torchrun
+    if cfg.batch_size < ctx.world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; it must be at least "
+                          f"the number of processes ({ctx.world_size})")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_state = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
     rt = resolve_runtime(cfg)
+    rt.device = distributed.place(rt.device, ctx)
     seed_global(cfg.seed)
 
     # ---- data: uint8 on the device, normalised and augmented per batch there
@@ -183,7 +195,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     train_split, val_split, test_split = (s.to(rt.device) if s is not None else None
                                           for s in (data.train, data.val, data.test))
     batches = TrainBatches(train_split, normalizer, cfg.batch_size, cfg.dataset.translate,
-                           cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last)
+                           cfg.dataset.flip, cfg.seed, cfg.max_steps_per_epoch, rt.channels_last,
+                           ctx.rank, ctx.world_size)
 
     # ---- model, optimiser, gates
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
@@ -209,18 +222,31 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         start_epoch, steps_total = resume_state["epoch"], resume_state["step"]
         train_time, active_total = resume_state["train_time_s"], resume_state["active_total"]
         # metrics.jsonl may hold lines of an epoch whose checkpoint was never written: drop them.
-        rewrite_jsonl(metrics_path, lambda r: r["epoch"] <= start_epoch)
+        if ctx.is_main:
+            rewrite_jsonl(metrics_path, lambda r: r["epoch"] <= start_epoch)
         log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, steps_total)
+
+    # The module trained: DDP around the model when distributed (the model itself otherwise).
+    # Checkpoints and evaluation use the bare model, so its state_dict keys never change.
+    net = distributed.wrap(model, rt.device, ctx, cfg.sync_bn)
+    model = getattr(net, "module", net)
 
     from torch.utils.tensorboard import SummaryWriter
     # purge_step hides points a killed attempt logged after the checkpoint (x-axis: epochs).
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+    writer = (SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+              if ctx.is_main else None)  # only rank 0 writes
     log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", cfg.pL, cfg.survival.value,
              rt.device, rt.bf16, rt.channels_last)
     log.info("data: %d train / %d val / %d test images; expected active blocks %.2f of %d",
              len(data.train), len(data.val) if data.val else 0, len(data.test), expected_depth, num_blocks)
+    if ctx.distributed:
+        log.info("distributed: %d processes, global batch %d (about %d per process), sync_bn=%s",
+                 ctx.world_size, cfg.batch_size, -(-cfg.batch_size // ctx.world_size), cfg.sync_bn)
+    # Evaluation is sharded across ranks (each counts its slice; counts are summed).
+    val_part, test_part = (s if s is None else s.part(distributed.shard(len(s), ctx))
+                           for s in (val_split, test_split))
 
 
     wall_start = time.perf_counter()
@@ -236,18 +262,21 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             loss_sum = torch.zeros((), device=rt.device)
             wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
             first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
-            seen, active = 0, 0
+            seen, active, gate_crc = 0, 0, 0
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             t0 = time.perf_counter()
-            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not progress)
+            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not (progress and ctx.is_main))
             for step, (x, y) in enumerate(bar, start=1):
                 step_gates = gates.draw()
                 with autocast(rt):
-                    out = model(x, step_gates)
+                    out = net(x, step_gates)
                     loss = F.cross_entropy(out, y)
                 optimizer.zero_grad(set_to_none=False)
-                loss.backward()
+                if ctx.distributed:  # DDP averages over ranks: weight so the result is the global mean's gradient
+                    (loss * distributed.loss_weight(len(y), batches.global_batch_size(step), ctx)).backward()
+                else:
+                    loss.backward()
                 optimizer.step()
                 loss = loss.detach().float()
                 # Remember the first step with a non-finite loss without syncing; checked below.
@@ -257,7 +286,11 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                 wrong += (out.detach().argmax(1) != y).sum()
                 seen += len(y)
                 active += sum(step_gates)
-                if stop.received is not None:
+                gate_crc = zlib.crc32(bytes(step_gates), gate_crc)
+                # All ranks must stop at the same step; distributed, they agree every STOP_POLL steps.
+                if ((not ctx.distributed or step % STOP_POLL == 0 or step == len(batches))
+                        and distributed.any_rank(stop.received is not None, ctx)):
+                    stop.received = stop.received or signal.SIGTERM
                     break
             bar.close()
             if stop.received is not None:
@@ -270,6 +303,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             if rt.device.type == "cuda":
                 torch.cuda.synchronize(rt.device)
             epoch_time = time.perf_counter() - t0
+            if ctx.distributed:
+                # Same gates and data order on every rank, or the run is not the run it claims to be.
+                distributed.check_identical("gates or data order",
+                                            distributed.fingerprint(torch.tensor([gate_crc]),
+                                                                    batches.generator.get_state()), ctx)
+                seen = int(distributed.sum_(torch.tensor([seen]), ctx).item())
+                distributed.sum_(loss_sum, ctx)
+                distributed.sum_(wrong, ctx)
+                first_bad_step = distributed.first_step(first_bad_step, ctx)
             bad = int(first_bad_step.item())
             if bad >= 0:
                 raise FloatingPointError(
@@ -282,9 +324,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             steps_total += steps
 
             # ---- evaluation (excluded from the training time), best-val bookkeeping
-            val_err = (evaluate(model, eval_batches(val_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
+            val_err = (evaluate(model, eval_batches(val_part, normalizer, cfg.eval_batch_size, rt.channels_last), rt, ctx)
                        if val_split is not None else None)
-            test_err = evaluate(model, eval_batches(test_split, normalizer, cfg.eval_batch_size, rt.channels_last), rt)
+            test_err = evaluate(model, eval_batches(test_part, normalizer, cfg.eval_batch_size, rt.channels_last), rt, ctx)
             if val_err is None or val_err < best["val_error_pct"]:
                 best = {"val_error_pct": val_err, "epoch": e, "test_error_pct": test_err}
 
@@ -292,7 +334,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                       "train_error_pct": 100.0 * wrong.item() / seen, "val_error_pct": val_err,
                       "test_error_pct": test_err, "epoch_train_time_s": epoch_time,
                       "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
-            log_epoch(writer, record, expected_depth)
+            if ctx.is_main:
+                log_epoch(writer, record, expected_depth)
             log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s"
                      " | blocks %.2f/%.2f", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
                      "-" if val_err is None else f"{val_err:.2f}%", test_err, epoch_time,
@@ -300,8 +343,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
 
             # metrics.jsonl first, checkpoint second: a kill in between leaves a line that the
             # resumed run drops (it resumes from the previous checkpoint and redoes the epoch).
-            append_jsonl(metrics_path, record)
-            if cfg.checkpoint:
+            if ctx.is_main:
+                append_jsonl(metrics_path, record)
+            if cfg.checkpoint and ctx.is_main:
                 save_checkpoint(run_dir / CHECKPOINT, {
                     "epoch": e, "step": steps_total, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "gates": gates.state_dict(),
@@ -309,7 +353,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                     "normalizer": normalizer.state_dict(), "best": best, "last_record": record,
                     "train_time_s": train_time, "active_total": active_total,
                     "config": to_plain(cfg)})
-            if stop.received is not None:
+            if distributed.any_rank(stop.received is not None, ctx):
+                stop.received = stop.received or signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(stop.received).name} after epoch {e}; "
                                   f"run the same command again to resume.", stop.received)
 
@@ -326,10 +371,12 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "expected_active_blocks": expected_depth,
         "measured_active_blocks": active_total / steps_total,
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "world_size": ctx.world_size,
         "config": to_plain(cfg), "versions": software_versions(),
     }
-    write_json(run_dir / "results.json", results)
-    writer.close()
+    if ctx.is_main:
+        write_json(run_dir / "results.json", results)
+        writer.close()
     log.info("done: test error %.2f%% at best val epoch %s (final %.2f%%), training time %.1fs",
              results["test_error_at_best_val_pct"], results["best_val_epoch"], record["test_error_pct"], train_time)
     return results
