@@ -371,7 +371,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "expected_active_blocks": expected_depth,
         "measured_active_blocks": active_total / steps_total,
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
-        "world_size": ctx.world_size,
+        "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "config": to_plain(cfg), "versions": software_versions(),
     }
     if ctx.is_main:
