@@ -122,11 +122,13 @@ class DataLoaderBatches:
 
 
 def make_train_batches(cfg, split: Split, normalizer: Normalizer, device: torch.device,
-                       channels_last: bool) -> TrainBatches | DataLoaderBatches:
-    """The training batches of `cfg.dataset.loader`: the split and normalizer come in on the CPU."""
+                       channels_last: bool, rank: int = 0, world_size: int = 1) -> TrainBatches | DataLoaderBatches:
+    """The training batches of `cfg.dataset.loader`: the split and normalizer come in on the CPU.
+
+    Distributed runs (world_size > 1) use the device path, which shards each global batch."""
     ds = cfg.dataset
     common = dict(batch_size=cfg.batch_size, translate=ds.translate, flip=ds.flip, seed=cfg.seed,
                   max_steps=cfg.max_steps_per_epoch, channels_last=channels_last)
-    if str(getattr(ds.loader, "value", ds.loader)) == "dataloader":
+    if str(ds.loader) == "dataloader":
         return DataLoaderBatches(split, normalizer, device=device, num_workers=cfg.num_workers, **common)
-    return TrainBatches(split.to(device), normalizer.to(device), **common)
+    return TrainBatches(split.to(device), normalizer.to(device), **common, rank=rank, world_size=world_size)

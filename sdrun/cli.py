@@ -36,13 +36,16 @@ def _hydra_train() -> None:
     import hydra
 
     from sdrun.config import register_configs
+    from sdrun.launchers import register_resolvers
 
     register_configs()
+    register_resolvers()  # ${local_jobs:} in the hydra/launcher=parallel preset
 
     @hydra.main(version_base="1.3", config_path="pkg://sdrun.conf", config_name="train")
     def app(cfg) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
+        from sdrun.launchers import job_resources
         from sdrun.runs import AlreadyFinished
         from sdrun.train import Interrupted, train
 
@@ -50,7 +53,8 @@ def _hydra_train() -> None:
         multirun = hc.mode.name == "MULTIRUN"
         progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
         try:
-            results = train(cfg, hc.runtime.output_dir, progress=progress)
+            with job_resources(cfg, hc):  # a parallel sweep's job: its own GPU, its share of the cores
+                results = train(cfg, hc.runtime.output_dir, progress=progress)
         except AlreadyFinished as e:  # a requeued job whose run is done: nothing to do
             print(f"sdrun train: {e}", file=sys.stderr)
             return None
@@ -108,6 +112,21 @@ _USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 def run_train(argv: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]
+
+    # Under torchrun every process runs this; they join one process group before Hydra
+    # composes the config, so rank 0 can share its run directory (sdrun/distributed.py).
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun:
+        from sdrun import distributed
+        distributed.init()
+    try:
+        return _run_train()
+    finally:
+        if torchrun:
+            distributed.teardown()
+
+
+def _run_train() -> int:
     from sdrun.runs import AlreadyFinished, GuardStop
 
     try:
@@ -132,10 +151,12 @@ def sweep_note() -> str:
 
     from sdrun import runs
 
-    if runs.LAST_SWEEP_SUMMARY is None:
+    if runs.LAST_SWEEP_SUMMARY is None or not runs.LAST_SWEEP_SUMMARY.is_file():
         return ""
     jobs = json.loads(runs.LAST_SWEEP_SUMMARY.read_text())["jobs"]
     failed = [f"job {j['num']} ({','.join(j['overrides'])})" for j in jobs if j["status"] == "failed"]
+    if not failed:
+        return ""
     return (f" [sweep: {len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}; the others' results "
             f"are kept; see {runs.LAST_SWEEP_SUMMARY}]")
 

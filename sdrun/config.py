@@ -111,6 +111,7 @@ class TrainConfig:
     channels_last: Toggle = Toggle.auto  # auto = on (measured faster on CUDA and CPU: sdrun bench)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
     compile: bool = False         # torch.compile each residual branch separately (sdrun.speed)
+    sync_bn: bool = False         # torchrun runs: SyncBatchNorm (CUDA only) instead of per-process BN statistics
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
     # also evaluate every N training steps (None = at epoch ends only); the best-validation

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdrun.distributed import Context, shard
 from sdrun.rng import cpu_generator
 
 
@@ -36,6 +37,9 @@ class Split:
 
     def to(self, device: torch.device) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
+
+    def part(self, index: slice) -> "Split":
+        return Split(self.images[index], self.labels[index])
 
 
 @dataclass
@@ -297,21 +301,34 @@ def translate_and_flip(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Te
 
 
 class TrainBatches:
-    """One epoch of shuffled, normalised, augmented batches from a device-resident split."""
+    """One epoch of shuffled, normalised, augmented batches from a device-resident split.
+
+    In a distributed run (world_size > 1) `batch_size` is the global batch: every rank
+    draws the same order and augmentation for the whole global batch (same generator,
+    same seed) and yields only its contiguous slice (sdrun.distributed.shard).
+    """
 
     def __init__(self, split: Split, normalizer: Normalizer, batch_size: int, translate: int,
-                 flip: bool, seed: int, max_steps: int | None = None, channels_last: bool = False):
+                 flip: bool, seed: int, max_steps: int | None = None, channels_last: bool = False,
+                 rank: int = 0, world_size: int = 1):
         self.split, self.normalizer = split, normalizer
         self.batch_size, self.translate, self.flip = batch_size, translate, flip
         self.max_steps, self.channels_last = max_steps, channels_last
+        self.rank, self.world_size = rank, world_size
         # Order and augmentation draw from separate streams, so the order of a seed does not
         # depend on the augmentation settings and equals the DataLoader path's (sdrun.cifar_loader).
         self.generator = cpu_generator(seed, "data")
         self.augment_generator = cpu_generator(seed, "augment")
 
     def __len__(self) -> int:
-        steps = -(-len(self.split) // self.batch_size)  # the last, smaller batch is kept
+        steps = -(-len(self.split) // self.batch_size)  # the last, smaller batch is kept...
+        if self.world_size > 1 and self.global_batch_size(steps) < self.world_size:
+            steps -= 1  # ...unless some rank's slice of it would be empty
         return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def global_batch_size(self, step: int) -> int:
+        """Images in the global batch of `step` (1-based); only the last one can be smaller."""
+        return min(self.batch_size, len(self.split) - (step - 1) * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g, t = self.augment_generator, self.translate
@@ -323,6 +340,9 @@ class TrainBatches:
             shift_y = torch.randint(-t, t + 1, (n,), generator=g)
             shift_x = torch.randint(-t, t + 1, (n,), generator=g)
             flip = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+            if self.world_size > 1:  # every rank drew the global batch above; keep this rank's part
+                part = shard(n, Context(self.rank, self.world_size))
+                idx, shift_y, shift_x, flip = idx[part], shift_y[part], shift_x[part], flip[part]
             idx = idx.to(device, non_blocking=True)
             x = self.normalizer(self.split.images[idx])
             x = translate_and_flip(x, shift_y, shift_x, flip, t)

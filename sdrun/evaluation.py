@@ -31,12 +31,13 @@ class Evaluator:
     """Runs the evaluations of one run and keeps the selected one in `best` (checkpointed)."""
 
     def __init__(self, error_of: Callable[[str], tuple[float, float]], has_val: bool,
-                 every_steps: int | None, top5: bool, run_dir: Path, sync: Callable[[], None]):
+                 every_steps: int | None, top5: bool, run_dir: Path, sync: Callable[[], None],
+                 write: bool = True):
         self.error_of = error_of  # "val" | "test" -> (top-1 error %, top-5 error %)
         self.has_val, self.every_steps, self.top5 = has_val, every_steps, top5
         self.path = Path(run_dir) / "evals.jsonl"
         self.writer = None  # a SummaryWriter for the step-axis curves, set when every_steps is
-        self.sync = sync
+        self.sync, self.write = sync, write  # write: this process writes evals.jsonl (rank 0)
         self.best = {"val_error_pct": math.inf if has_val else None, "epoch": None, "step": None,
                      "test_error_pct": None, "test_top5_error_pct": None}
         self.seconds = 0.0  # wall time spent evaluating, so the caller can leave it out of training time
@@ -62,7 +63,7 @@ class Evaluator:
         if self.top5:
             record.update(val_top5_error_pct=val[1], test_top5_error_pct=test[1])
         record["best_val_error_pct"] = self.best["val_error_pct"]
-        if self.every_steps is not None:
+        if self.every_steps is not None and self.write:
             append_jsonl(self.path, record)
             for key, tag in (("val_error_pct", "val"), ("test_error_pct", "test"),
                              ("val_top5_error_pct", "val_top5"), ("test_top5_error_pct", "test_top5")):

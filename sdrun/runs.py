@@ -9,11 +9,13 @@ Also the two Hydra callbacks that use these checks:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import pickle
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -121,6 +123,8 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             validate(config)
+            from sdrun.distributed import share_run_dir
+            share_run_dir(config)  # under torchrun: rank 0's run dir for all, only rank 0 writes Hydra outputs
             if config.resume:
                 with open_dict(config):
                     config.hydra.run.dir = str(resume_dir(config.resume))
@@ -129,25 +133,53 @@ class RunDirGuard(Callback):
         except Exception as e:
             raise GuardStop(e) from e
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from sdrun.distributed import launched_by_torchrun
+        if launched_by_torchrun():
+            raise GuardStop(ConfigError("sdrun train -m under torchrun: a sweep's jobs are separate runs; "
+                                        "launch the sweep without torchrun (hydra/launcher=parallel or slurm)"))
+        # Jobs may write the summary from other processes (joblib, submitit); the CLI, in this
+        # process, needs to know where it is to name failed jobs.
+        global LAST_SWEEP_SUMMARY
+        LAST_SWEEP_SUMMARY = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
             return
         from sdrun.cli import one_line
 
-        summary_path = Path(config.hydra.sweep.dir) / "sweep_summary.json"
-        try:
-            summary = json.loads(summary_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            summary = {"jobs": []}
+        summary_path = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
         failed = job_return.status.name != "COMPLETED"
-        summary["jobs"].append({
-            "num": config.hydra.job.num, "overrides": list(job_return.overrides or []),
-            "dir": config.hydra.runtime.output_dir, "status": "failed" if failed else "finished",
-            "error": one_line(job_return._return_value) if failed else None})
-        summary["failed"] = sum(j["status"] == "failed" for j in summary["jobs"])
-        write_json(summary_path, summary)
+        job = {"num": config.hydra.job.num, "overrides": list(job_return.overrides or []),
+               "dir": config.hydra.runtime.output_dir, "status": "failed" if failed else "finished",
+               "error": one_line(job_return._return_value) if failed else None}
+        # Parallel launchers end jobs in several processes at once: read-modify-write under
+        # an exclusive lock. A requeued job (SLURM preemption) replaces its earlier entry.
+        with locked(summary_path.with_name(f".{SWEEP_SUMMARY}.lock")):
+            try:
+                summary = json.loads(summary_path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                summary = {"jobs": []}
+            jobs = [j for j in summary["jobs"] if j["num"] != job["num"]] + [job]
+            jobs.sort(key=lambda j: j["num"])
+            write_json(summary_path, {"jobs": jobs, "failed": sum(j["status"] == "failed" for j in jobs)})
         global LAST_SWEEP_SUMMARY
         LAST_SWEEP_SUMMARY = summary_path
+
+
+SWEEP_SUMMARY = "sweep_summary.json"
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, held for the with-block, across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 LAST_SWEEP_SUMMARY: Path | None = None  # the CLI names it when a sweep ends with failed jobs

@@ -17,6 +17,7 @@ import random
 import signal
 import threading
 import time
+import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from sdrun import distributed
 from sdrun.cifar_loader import make_train_batches
 from sdrun.config import ConfigError, Toggle, device_problem, to_plain, validate
 from sdrun.data import Normalizer, eval_batches, load_image_data
@@ -41,6 +43,8 @@ from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard
 
 log = logging.getLogger("sdrun")
+
+STOP_POLL = 10  # distributed: steps between the ranks' agreement on a SIGTERM/SIGINT
 
 
 @dataclass
@@ -98,20 +102,22 @@ def make_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.SGD
 
 
 @torch.inference_mode()
-def evaluate(model, batches, rt: Runtime) -> tuple[float, float]:
-    """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l)."""
+def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed.SINGLE) -> tuple[float, float]:
+    """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l).
+
+    Distributed: `batches` is this rank's slice of the split; the counts are summed over ranks.
+    """
     model.eval()
-    wrong = torch.zeros(2, dtype=torch.int64, device=rt.device)
-    count = 0
+    counts = torch.zeros(3, dtype=torch.int64, device=rt.device)  # top-1 wrong, top-5 wrong, seen
     for x, y in batches:
         with autocast(rt):
             out = model(x)
         top = out.topk(min(5, out.shape[1]), dim=1).indices
-        wrong[0] += (top[:, 0] != y).sum()
-        wrong[1] += (top != y[:, None]).all(1).sum()
-        count += len(y)
-    top1, top5 = (100.0 * w / max(count, 1) for w in wrong.tolist())
-    return top1, top5
+        counts[0] += (top[:, 0] != y).sum()
+        counts[1] += (top != y[:, None]).all(1).sum()
+        counts[2] += len(y)
+    wrong1, wrong5, count = distributed.sum_(counts, ctx).tolist()
+    return 100.0 * wrong1 / max(count, 1), 100.0 * wrong5 / max(count, 1)
 
 
 def autocast(rt: Runtime):
@@ -182,10 +188,19 @@ def set_rng_state(state: dict) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     validate(cfg)
+    ctx = distributed.init()  # torchrun's rank and world size; one process without torchrun
+    if cfg.batch_size < ctx.world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; it must be at least "
+                          f"the number of processes ({ctx.world_size})")
+    if ctx.distributed and (cfg.dataset.name == "imagenet" or str(cfg.dataset.loader) != "device"):
+        # Only the device-resident path shards its global batch across ranks so far.
+        raise ConfigError("torchrun runs support the device-resident data path (cifar10, cifar100, svhn, "
+                          "digits with dataset.loader=device) for now, not ImageNet's DataLoader path")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_state = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
     rt = resolve_runtime(cfg)
+    rt.device = distributed.place(rt.device, ctx)
     seed_global(cfg.seed)
 
     # ---- data: uint8 on the device, normalised and augmented per batch there (or, with
@@ -198,14 +213,17 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     else:
         data = load_image_data(cfg.dataset, cfg.seed)
         normalizer = Normalizer.fit(data.train.images)
-        batches = make_train_batches(cfg, data.train, normalizer, rt.device, rt.channels_last)
+        batches = make_train_batches(cfg, data.train, normalizer, rt.device, rt.channels_last,
+                                     ctx.rank, ctx.world_size)
         normalizer = normalizer.to(rt.device)
-        val_split, test_split = (s.to(rt.device) if s is not None else None for s in (data.val, data.test))
+        # Evaluation is sharded across ranks (each counts its slice; the counts are summed).
+        val_part, test_part = (None if s is None else s.part(distributed.shard(len(s), ctx)).to(rt.device)
+                               for s in (data.val, data.test))
 
         def passes(split):  # a fresh pass over an evaluation split on each call; None without the split
             return None if split is None else lambda: eval_batches(split, normalizer, cfg.eval_batch_size,
                                                                    rt.channels_last)
-        eval_sets = {"val": passes(val_split), "test": passes(test_split)}
+        eval_sets = {"val": passes(val_part), "test": passes(test_part)}
 
     # ---- model, optimiser, gates
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
@@ -221,8 +239,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     start_epoch, train_time, active_total, steps_total, record = 0, 0.0, 0, 0, None
     metrics_path = run_dir / "metrics.jsonl"
     sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
-    evaluator = Evaluator(lambda name: evaluate(model, eval_sets[name](), rt), eval_sets["val"] is not None,
-                          cfg.eval_every_steps, cfg.dataset.top5, run_dir, sync)
+    evaluator = Evaluator(lambda name: evaluate(model, eval_sets[name](), rt, ctx), eval_sets["val"] is not None,
+                          cfg.eval_every_steps, cfg.dataset.top5, run_dir, sync, write=ctx.is_main)
     if resume_state is not None:
         # Continue exactly where the last completed epoch left off: every piece of state that
         # the next step depends on comes back, so the numbers match an uninterrupted run.
@@ -235,25 +253,36 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         start_epoch, steps_total = resume_state["epoch"], resume_state["step"]
         train_time, active_total = resume_state["train_time_s"], resume_state["active_total"]
         # The jsonl files may hold lines of an epoch whose checkpoint was never written: drop them.
-        rewrite_jsonl(metrics_path, lambda r: r["epoch"] <= start_epoch)
-        rewrite_jsonl(evaluator.path, lambda r: r["step"] <= steps_total)
+        if ctx.is_main:
+            rewrite_jsonl(metrics_path, lambda r: r["epoch"] <= start_epoch)
+            rewrite_jsonl(evaluator.path, lambda r: r["step"] <= steps_total)
         log.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, steps_total)
+
+    # The module trained: DDP around the model when distributed (the model itself otherwise).
+    # Checkpoints and evaluation use the bare model, so its state_dict keys never change.
+    net = distributed.wrap(model, rt.device, ctx, cfg.sync_bn)
+    model = getattr(net, "module", net)
 
     from torch.utils.tensorboard import SummaryWriter
     # purge_step hides points a killed attempt logged after the checkpoint (x-axis: epochs).
-    writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
-    if cfg.eval_every_steps:  # step-axis curves in their own event file, purged by step on resume
-        evaluator.writer = SummaryWriter(str(run_dir / "by_step"), purge_step=steps_total + 1 if steps_total else None)
-    grad_stats = GradStats(model, enabled=cfg.log.grad_stats)
-    board = RunBoard(writer, num_blocks, cfg.log.grad_histograms_every)
-    board.start(cfg)
+    writer = board = None
+    if ctx.is_main:  # only rank 0 writes
+        writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+        if cfg.eval_every_steps:  # step-axis curves in their own event file, purged by step on resume
+            evaluator.writer = SummaryWriter(str(run_dir / "by_step"),
+                                             purge_step=steps_total + 1 if steps_total else None)
+        board = RunBoard(writer, num_blocks, cfg.log.grad_histograms_every)
+        board.start(cfg)
+    grad_stats = GradStats(model, enabled=cfg.log.grad_stats)  # after DDP's all-reduce: same on every rank
     log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", cfg.pL, cfg.survival.value,
              rt.device, rt.bf16, rt.channels_last)
     log.info("data: %d train / %d val / %d test images; expected active blocks %.2f of %d",
              len(data.train), len(data.val) if data.val else 0, len(data.test), expected_depth, num_blocks)
-
+    if ctx.distributed:
+        log.info("distributed: %d processes, global batch %d (about %d per process), sync_bn=%s",
+                 ctx.world_size, cfg.batch_size, -(-cfg.batch_size // ctx.world_size), cfg.sync_bn)
 
     wall_start = time.perf_counter()
     with StopSignals() as stop:
@@ -268,17 +297,20 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             loss_sum = torch.zeros((), device=rt.device)
             wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
             first_bad_step = torch.full((), -1, dtype=torch.int64, device=rt.device)
-            seen, active = 0, 0
+            seen, active, gate_crc = 0, 0, 0
             sync()
             t0, eval_s0 = time.perf_counter(), evaluator.seconds
-            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not progress)
+            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not (progress and ctx.is_main))
             for step, (x, y) in enumerate(bar, start=1):
                 step_gates = gates.draw()
                 with autocast(rt):
-                    out = model(x, step_gates)
+                    out = net(x, step_gates)
                     loss = F.cross_entropy(out, y)
                 optimizer.zero_grad(set_to_none=False)
-                loss.backward()
+                if ctx.distributed:  # DDP averages over ranks: weight so the result is the global mean's gradient
+                    (loss * distributed.loss_weight(len(y), batches.global_batch_size(step), ctx)).backward()
+                else:
+                    loss.backward()
                 grad_stats.record(step_gates)  # device-side accumulation, no sync
                 optimizer.step()
                 loss = loss.detach().float()
@@ -289,7 +321,11 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                 wrong += (out.detach().argmax(1) != y).sum()
                 seen += len(y)
                 active += sum(step_gates)
-                if stop.received is not None:
+                gate_crc = zlib.crc32(bytes(step_gates), gate_crc)
+                # All ranks must stop at the same step; distributed, they agree every STOP_POLL steps.
+                if ((not ctx.distributed or step % STOP_POLL == 0 or step == len(batches))
+                        and distributed.any_rank(stop.received is not None, ctx)):
+                    stop.received = stop.received or signal.SIGTERM
                     break
                 if evaluator.due_inside_epoch(step, len(batches), steps_total + step):  # eval_every_steps
                     evaluator.run(steps_total + step, round(epoch + step / len(batches), 4), epoch_end=False)
@@ -304,6 +340,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                                   + "Run the same command again to resume.", stop.received)
             sync()
             epoch_time = time.perf_counter() - t0 - (evaluator.seconds - eval_s0)  # step evaluations excluded
+            if ctx.distributed:
+                # Same gates and data order on every rank, or the run is not the run it claims to be.
+                distributed.check_identical("gates or data order",
+                                            distributed.fingerprint(torch.tensor([gate_crc]),
+                                                                    batches.generator.get_state()), ctx)
+                seen = int(distributed.sum_(torch.tensor([seen]), ctx).item())
+                distributed.sum_(loss_sum, ctx)
+                distributed.sum_(wrong, ctx)
+                first_bad_step = distributed.first_step(first_bad_step, ctx)
             bad = int(first_bad_step.item())
             if bad >= 0:
                 raise FloatingPointError(
@@ -326,8 +371,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             if cfg.dataset.top5:
                 record.update({k: evaluated[k] for k in ("val_top5_error_pct", "test_top5_error_pct")})
             record.update(grad_stats.end_epoch(), lr_drop=epoch > 0 and lr < lr_at(epoch - 1, cfg.optim))
-            board.write_epoch(record, e, grad_stats)
-            log_epoch(writer, record, expected_depth)  # flushes the event file
+            if ctx.is_main:
+                board.write_epoch(record, e, grad_stats)
+                log_epoch(writer, record, expected_depth)  # flushes the event file
             log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s"
                      " | blocks %.2f/%.2f", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
                      "-" if val_err is None else f"{val_err:.2f}%", test_err, epoch_time,
@@ -335,8 +381,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
 
             # metrics.jsonl first, checkpoint second: a kill in between leaves a line that the
             # resumed run drops (it resumes from the previous checkpoint and redoes the epoch).
-            append_jsonl(metrics_path, record)
-            if cfg.checkpoint:
+            if ctx.is_main:
+                append_jsonl(metrics_path, record)
+            if cfg.checkpoint and ctx.is_main:
                 save_checkpoint(run_dir / CHECKPOINT, {
                     "epoch": e, "step": steps_total, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "gates": gates.state_dict(),
@@ -344,7 +391,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                     "normalizer": normalizer.state_dict(), "best": evaluator.best, "last_record": record,
                     "train_time_s": train_time, "active_total": active_total,
                     "config": to_plain(cfg)})
-            if stop.received is not None:
+            if distributed.any_rank(stop.received is not None, ctx):
+                stop.received = stop.received or signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(stop.received).name} after epoch {e}; "
                                   f"run the same command again to resume.", stop.received)
 
@@ -365,13 +413,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "config": to_plain(cfg), "versions": software_versions(),
     }
-    write_json(run_dir / "results.json", results)
-    board.end(results)
-    writer.close()
-    if evaluator.writer is not None:
-        evaluator.writer.close()
+    if ctx.is_main:
+        write_json(run_dir / "results.json", results)
+        board.end(results)
+        writer.close()
+        if evaluator.writer is not None:
+            evaluator.writer.close()
     log.info("done: test error %.2f%% at best val epoch %s (final %.2f%%), training time %.1fs",
              results["test_error_at_best_val_pct"], results["best_val_epoch"], record["test_error_pct"], train_time)
     return results

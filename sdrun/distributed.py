@@ -1,0 +1,233 @@
+"""One run on many processes: DistributedDataParallel set up from torchrun's environment.
+
+    torchrun --nproc_per_node=N --no-python sdrun train ...
+
+starts N copies of `sdrun train` with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT in their environment; `init()` joins them into one process group. Without
+those variables everything here is a no-op and sdrun trains in one process as before.
+
+How a distributed run stays equal to one process over the same global batch:
+- `batch_size` is the GLOBAL batch. Every rank seeds the data generator and the gate
+  generator from the run seed, so each rank computes the same permutation, the same
+  augmentation and the same gates; a rank trains on its contiguous slice of each global
+  batch (`shard`). Each epoch reshuffles (the generator moves on), like
+  DistributedSampler.set_epoch, without any communication. `check_identical` verifies
+  once per epoch that the ranks' gates and data generators still agree.
+- The same gates on every rank means the same blocks are skipped everywhere, so a
+  skipped block's parameters are unused on ALL ranks at once. DDP is built with
+  find_unused_parameters=True, which makes its reducer mark those parameters ready
+  instead of waiting for gradients that never come; a parameter unused on every rank
+  keeps the .grad it had. The trainer zeroes gradients in place (never None), so that
+  .grad is zero and SGD applies weight decay and momentum to it exactly as in one process.
+- Each rank's loss is its slice's mean scaled by slice/global size x world size
+  (`loss_weight`), so DDP's gradient average is the gradient of the global-batch mean
+  even when the last batch does not split evenly.
+- BatchNorm normalises with per-rank statistics (so the loss is close to, not equal to,
+  one process over the global batch) unless `sync_bn=true` (CUDA only: torch's
+  SyncBatchNorm has no CPU kernel). Running statistics are rank 0's: DDP broadcasts
+  buffers from rank 0 before every forward.
+- Evaluation is sharded: each rank counts the errors of its slice of the val/test split
+  and the counts are summed, so every rank holds the same error.
+- Only rank 0 writes (TensorBoard events, metrics.jsonl, checkpoint.pt, results.json, and
+  Hydra's .hydra/ and train.log); every rank reads the checkpoint to resume.
+
+Collectives on CPU tensors go through gloo, on CUDA tensors through NCCL (the backend
+string "cpu:gloo,cuda:nccl"), so small control messages never touch the GPU.
+Only the gloo/CPU path is tested here (no GPU in CI); the NCCL path is the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sdrun.config import ConfigError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process sits in the run: rank r of world_size (LOCAL_RANK on its node)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = Context()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> Context:
+    """Join the process group described by torchrun's environment (no-op without one)."""
+    if not launched_by_torchrun():
+        return SINGLE
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:  # NCCL and object collectives use the current device: one GPU per local rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return current()
+
+
+def current() -> Context:
+    if not (dist.is_available() and dist.is_initialized()):
+        return SINGLE
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if current().distributed:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- device, model, data slices
+
+def place(device: torch.device, ctx: Context) -> torch.device:
+    """Each rank of a CUDA run takes the GPU of its local rank."""
+    if not ctx.distributed or device.type != "cuda":
+        return device
+    if device.index is not None and device.index != ctx.local_rank:
+        raise ConfigError(f"device={device} under torchrun: use device=auto or cuda "
+                          f"(rank {ctx.rank} takes cuda:LOCAL_RANK = cuda:{ctx.local_rank})")
+    return torch.device("cuda", ctx.local_rank)
+
+
+def wrap(model: torch.nn.Module, device: torch.device, ctx: Context, sync_bn: bool) -> torch.nn.Module:
+    """The module to call in training: DDP around `model` when distributed, else `model`.
+
+    SyncBatchNorm keeps the same parameter objects and state_dict keys, so the optimiser
+    may be built on `model` before or after and checkpoints stay interchangeable.
+    """
+    if not ctx.distributed:
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def shard(n: int, ctx: Context) -> slice:
+    """This rank's contiguous part of n items (sizes differ by at most one, like tensor_split)."""
+    base, extra = divmod(n, ctx.world_size)
+    start = ctx.rank * base + min(ctx.rank, extra)
+    return slice(start, start + base + (ctx.rank < extra))
+
+
+def loss_weight(local: int, global_: int, ctx: Context) -> float:
+    """Factor on a rank's mean loss so that DDP's average gives the global-batch mean's gradient."""
+    return local * ctx.world_size / global_
+
+
+# ---------------------------------------------------------------- collectives
+
+def sum_(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Sum over ranks in place (no-op in one process); returns the tensor."""
+    if ctx.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def first_step(step: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """The earliest step over ranks, where -1 means none on that rank (-1 if none anywhere)."""
+    if not ctx.distributed:
+        return step
+    none = torch.iinfo(torch.int64).max
+    t = torch.where(step < 0, none, step)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return torch.where(t == none, -1, t)
+
+
+def any_rank(flag: bool, ctx: Context) -> bool:
+    """True on every rank when it is true on at least one (a CPU tensor: gloo, no GPU sync)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def fingerprint(*tensors: torch.Tensor) -> int:
+    """CRC32 of tensors' bytes: cheap to compare across ranks."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes(), crc)
+    return crc
+
+
+def check_identical(what: str, value: int, ctx: Context) -> None:
+    """Raise on every rank if `value` is not the same on all ranks."""
+    if not ctx.distributed:
+        return
+    gathered = [torch.zeros(1, dtype=torch.int64) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, torch.tensor([value], dtype=torch.int64))
+    values = [int(t.item()) for t in gathered]
+    if len(set(values)) > 1:
+        raise RuntimeError(f"{what} differ across ranks (fingerprints by rank: {values}); "
+                           f"every rank must run the same sdrun version and config")
+
+
+def broadcast_str(text: str | None, ctx: Context) -> str:
+    """Rank 0's string on every rank (CPU tensors, so gloo carries it even on a CUDA run)."""
+    if not ctx.distributed:
+        return text
+    data = torch.tensor(list((text or "").encode()) if ctx.is_main else [], dtype=torch.uint8)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=0)
+    if not ctx.is_main:
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0)
+    return bytes(data.tolist()).decode()
+
+
+# ---------------------------------------------------------------- Hydra under torchrun
+
+def quiet_logging(rank: int) -> dict:
+    """Hydra job_logging for ranks > 0: warnings and errors on the console, no train.log of
+    their own and no second writer on rank 0's."""
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"simple": {"format": f"[rank {rank}][%(levelname)s] %(message)s"}},
+            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple",
+                                     "stream": "ext://sys.stderr"}},
+            "root": {"level": "WARNING", "handlers": ["console"]}}
+
+
+def share_run_dir(config) -> None:
+    """Called by RunDirGuard.on_run_start under torchrun, before Hydra writes anything.
+
+    Every rank composes its own config; `${now:...}` in the default run dir can resolve to
+    a different second on each. Rank 0's directory is broadcast and used by all ranks, and
+    ranks > 0 neither snapshot the config (.hydra/) nor write a train.log.
+    """
+    from omegaconf import open_dict
+
+    ctx = current()
+    if not ctx.distributed:
+        return
+    run_dir = broadcast_str(str(config.hydra.run.dir) if ctx.is_main else None, ctx)
+    with open_dict(config):
+        config.hydra.run.dir = run_dir
+        if not ctx.is_main:
+            config.hydra.output_subdir = None
+            config.hydra.job_logging = quiet_logging(ctx.rank)
