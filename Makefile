@@ -24,5 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The speed figures (sdrun bench --help): SD saving, trainer overhead, eval, ResNet-1202.
+bench: $(STAMP)
+	$(BIN)/sdrun bench --out bench.json
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
