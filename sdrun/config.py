@@ -43,7 +43,7 @@ class Toggle(Choice):
     off = "off"
 
 
-class Loader(str, Enum):
+class Loader(Choice):
     """How training batches are made (see sdrun.cifar_loader)."""
     device = "device"          # uint8 split on the training device, batched augmentation there
     dataloader = "dataloader"  # torch DataLoader + torchvision transforms, per image, on the host
