@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from sdrun.data import DataError
+from sdrun.distributed import SINGLE, Context, shard
 from sdrun.rng import cpu_generator
 
 # The ImageNet channel statistics in 0..255 units (fb.resnet.torch and torchvision use the same).
@@ -61,6 +62,34 @@ def eval_transform(size: int, resize: int):
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Shuffled global batches of `batch_size`; yields this rank's contiguous part of each.
+
+    Every rank shuffles with an identical generator (same seed, same state), so the global
+    batches agree across ranks and `batch_size` means the global batch, as on the device
+    path (sdrun.data.TrainBatches). In one process it is plain shuffled batching.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, ctx: Context = SINGLE):
+        self.n, self.batch_size, self.generator, self.ctx = n, batch_size, generator, ctx
+
+    def __len__(self) -> int:
+        steps = -(-self.n // self.batch_size)  # the last, smaller batch is kept...
+        if self.ctx.world_size > 1 and self.global_batch_size(steps) < self.ctx.world_size:
+            steps -= 1  # ...unless some rank's part of it would be empty
+        return steps
+
+    def global_batch_size(self, step: int) -> int:
+        """Images in the global batch of `step` (1-based); only the last one can be smaller."""
+        return min(self.batch_size, self.n - (step - 1) * self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        for step in range(len(self)):
+            batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield batch[shard(len(batch), self.ctx)]
+
+
 class LoaderBatches:
     """Batches of a DataLoader moved to the device and normalised there; the TrainBatches interface."""
 
@@ -71,6 +100,14 @@ class LoaderBatches:
 
     def __len__(self) -> int:
         return len(self.loader) if self.max_steps is None else min(len(self.loader), self.max_steps)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """Draws the epoch's order and the workers' seeds (identical on every rank)."""
+        return self.loader.generator
+
+    def global_batch_size(self, step: int) -> int:
+        return self.loader.batch_sampler.global_batch_size(step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         try:
@@ -107,8 +144,11 @@ class ImageNetData:
     eval_sets: dict[str, Callable[[], Iterable] | None]
 
 
-def load_imagenet(cfg, device: torch.device, channels_last: bool = False) -> ImageNetData:
-    """The ImageNet datasets, loaders and normaliser of a run (cfg: the whole train config)."""
+def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: Context = SINGLE) -> ImageNetData:
+    """The ImageNet datasets, loaders and normaliser of a run (cfg: the whole train config).
+
+    Distributed (ctx): each rank loads its part of every global training batch and its
+    contiguous part of the evaluation sets (the error counts are summed over ranks)."""
     from torchvision.datasets import ImageFolder
 
     ds_cfg = cfg.dataset
@@ -145,14 +185,17 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False) -> Ima
     # the loader's generator at each epoch start, so a checkpointed generator state replays
     # the epoch exactly. Start-up costs seconds against an epoch of thousands of steps.
     workers = dict(num_workers=cfg.num_workers, pin_memory=pin)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=cpu_generator(cfg.seed, "data"),
-                        **workers)
+    generator = cpu_generator(cfg.seed, "data")
+    loader = DataLoader(train, batch_sampler=GlobalBatchSampler(len(train), cfg.batch_size, generator, ctx),
+                        generator=generator, **workers)
     normalizer = ChannelNormalizer(device=device)
     train_batches = LoaderBatches(loader, normalizer, device, cfg.max_steps_per_epoch, channels_last)
 
     def eval_set(ds: Dataset | None):
         if ds is None:
             return None
+        part = shard(len(ds), ctx)
+        ds = Subset(ds, list(range(len(ds)))[part]) if ctx.world_size > 1 else ds
         batches = LoaderBatches(DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, **workers),
                                 normalizer, device, channels_last=channels_last)
         return lambda: batches

@@ -192,10 +192,10 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     if cfg.batch_size < ctx.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; it must be at least "
                           f"the number of processes ({ctx.world_size})")
-    if ctx.distributed and (cfg.dataset.name == "imagenet" or str(cfg.dataset.loader) != "device"):
-        # Only the device-resident path shards its global batch across ranks so far.
-        raise ConfigError("torchrun runs support the device-resident data path (cifar10, cifar100, svhn, "
-                          "digits with dataset.loader=device) for now, not ImageNet's DataLoader path")
+    if ctx.distributed and cfg.dataset.name != "imagenet" and str(cfg.dataset.loader) != "device":
+        # The device path and ImageNet's loader shard each global batch; the CIFAR DataLoader path does not.
+        raise ConfigError("torchrun runs use dataset.loader=device for cifar10, cifar100, svhn and digits "
+                          "(dataset.loader=dataloader does not shard its batches across processes)")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_state = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
@@ -208,7 +208,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     # decoded from JPEGs per batch by DataLoader workers instead (sdrun.imagenet)
     if cfg.dataset.name == "imagenet":
         from sdrun.imagenet import load_imagenet
-        data = load_imagenet(cfg, rt.device, rt.channels_last)
+        data = load_imagenet(cfg, rt.device, rt.channels_last, ctx)
         normalizer, batches, eval_sets = data.normalizer, data.train_batches, data.eval_sets
     else:
         data = load_image_data(cfg.dataset, cfg.seed)

@@ -1,6 +1,8 @@
 """ImageNet: torchvision-layout ResNets with stochastic depth, the ImageFolder pipeline, a tiny real run."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +170,39 @@ def test_tiny_run_through_the_console_script(tmp_path):
     acc.Reload()
     for tag in ("error/test", "error/test_top5", "error/val_top5", "depth/active_blocks_mean"):
         assert [s.step for s in acc.Scalars(tag)] == [1, 2], tag
+
+
+def test_global_batches_are_split_across_ranks_without_overlap():
+    """Under torchrun each rank loads its part of the same global batch (batch_size is global)."""
+    from sdrun.distributed import Context
+    from sdrun.imagenet import GlobalBatchSampler
+    from sdrun.rng import cpu_generator
+
+    single = list(GlobalBatchSampler(23, 8, cpu_generator(1, "data")))
+    parts = [list(GlobalBatchSampler(23, 8, cpu_generator(1, "data"), Context(r, 3))) for r in range(3)]
+    assert [len(b) for b in single] == [8, 8, 7]
+    for step, batch in enumerate(single):
+        assert sum((p[step] for p in parts), []) == batch  # ranks' parts, in rank order, are the batch
+    assert [len(p[0]) for p in parts] == [3, 3, 2]
+
+
+def test_tiny_imagenet_run_under_torchrun(tmp_path):
+    from tests.test_distributed import torchrun
+
+    # 18 training images in global batches of 6: 3 per rank (at 32 px ResNet-18 ends at 1x1, and
+    # BatchNorm needs more than one value per channel, so no rank may get a batch of 1).
+    write_imagenet_folder(tmp_path / "imagenet", per_class=(6, 2))
+    args = ["dataset=imagenet", "dataset.root=imagenet", "dataset.num_classes=3", "dataset.image_size=32",
+            "dataset.resize_size=36", "depth=18", "epochs=2", "batch_size=6", "eval_batch_size=4",
+            "num_workers=0", "checkpoint=false"]
+    r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *args,
+                 "hydra.run.dir=ddp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_sdrun("train", *args, "hydra.run.dir=single", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ddp, single = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("ddp", "single"))
+    assert [m["step"] for m in ddp] == [m["step"] for m in single] == [3, 6]
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2
+    # Evaluation is sharded and summed: both ranks' images are counted, so errors are multiples of 1/6.
+    for m in ddp:
+        assert round(m["test_error_pct"] * 6 / 100, 6) == round(m["test_error_pct"] * 6 / 100)
