@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from sdrun.config import RUNTIME_ONLY, flatten
+
 # results.json keys the tables and figures read; a finished run without them is corrupt.
 REQUIRED_KEYS = ("dataset", "depth", "pL", "survival", "seed", "epochs", "num_blocks",
                  "test_error_at_best_val_pct", "train_time_s", "train_time_per_epoch_s",
@@ -31,11 +33,10 @@ NUMBER_KEYS = ("depth", "pL", "seed", "epochs", "num_blocks", "test_error_at_bes
                "train_time_s", "train_time_per_epoch_s", "expected_active_blocks")
 
 # Config keys that do not change what a run measures, so runs differing only in them may
-# be averaged. The group keys (dataset, depth, pL, survival) and the seed are left out too:
-# they are what rows and averages are made of.
-NOT_RECIPE = {"seed", "pL", "survival", "depth", "dataset.name", "dataset.root", "dataset.download",
-              "dataset.check_md5", "dataset.format", "device", "progress", "checkpoint",
-              "num_workers", "eval_batch_size"}
+# be averaged (the runtime-only settings, a resumed run's `resume` among them). The group
+# keys (dataset, depth, pL, survival) and the seed are left out too: they are what rows and
+# averages are made of.
+NOT_RECIPE = RUNTIME_ONLY | {"seed", "pL", "survival", "depth", "dataset.name", "dataset.format"}
 
 Recipe = tuple[tuple[str, Any], ...]
 
@@ -183,22 +184,12 @@ def load_run(path: Path) -> Run | Skipped:
 
 def recipe_of(results: dict) -> Recipe:
     """The settings that change what a run measures, as a hashable, sorted tuple."""
-    settings = {k: v for k, v in _flatten(results["config"]).items() if k not in NOT_RECIPE}
+    settings = {k: v for k, v in flatten(results["config"]).items() if k not in NOT_RECIPE}
     # Where it ran decides its times (and its numerics: bf16): not averaged across either.
     settings["runtime.device"] = str(results.get("device", "?")).split(":")[0]
     settings["runtime.bf16"] = results.get("bf16")
     settings["runtime.channels_last"] = results.get("channels_last")
     return tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _hashable(v: Any) -> Any:

@@ -196,6 +196,23 @@ def validate(cfg: DictConfig | Any) -> None:
         raise ConfigError("; ".join(problems))
 
 
+# Settings that may differ between the attempts of one run (or between runs that are
+# averaged together) without changing its numbers.
+RUNTIME_ONLY = frozenset({"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume",
+                          "dataset.root", "dataset.download", "dataset.check_md5"})
+
+
+def flatten(plain: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a plain config as dotted keys, for comparing configs."""
+    out = {}
+    for k, v in plain.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_plain(cfg: DictConfig) -> dict:
     """The resolved config as plain JSON-able data (enums as their names)."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -20,15 +20,12 @@ from typing import Any, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdrun.config import ConfigError, to_plain, validate
+from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain, validate
 from sdrun.io import load_checkpoint, write_json
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 
-# Settings that may differ between the attempts of one run without changing its numbers.
-RUNTIME_ONLY = {"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume",
-                "dataset.root", "dataset.download", "dataset.check_md5"}
 
 
 class AlreadyFinished(Exception):
@@ -39,19 +36,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe or from another config."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if k not in RUNTIME_ONLY and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys]
 
