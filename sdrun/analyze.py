@@ -39,24 +39,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sdrun.analyze_plots import plot_all, run_label
+from sdrun.errors import ArgParser, UserError, print_error
 from sdrun.data import Normalizer, Split, eval_batches, load_image_data
-from sdrun.io import load_checkpoint, write_json
-from sdrun.models import build_model
+from sdrun.files import write_json
+from sdrun.models import model_for
+from sdrun.runtime import resolve_device
+from sdrun.state import CHECKPOINT, SavedRun
 from sdrun.rng import derive_seed
 from sdrun.stochastic import GateSampler, run_blocks
+
+# The datasets whose whole test split is held as uint8 tensors (sdrun.data.load_image_data).
+SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "svhn", "digits")
 
 BN_STATISTICS = ("eval mode: every network (test rule, sampled sub-networks, lesions, removals) uses "
                  "the BatchNorm running statistics accumulated during training")
 
 
-class AnalyzeError(ValueError):
-    """A missing or unusable run, checkpoint or option; the CLI prints it on one line."""
+class AnalyzeError(UserError, ValueError):
+    """A missing or unusable run, checkpoint or option."""
 
 
 # ---------------------------------------------------------------- loading a run
 
 @dataclass
-class Run:
+class TrainedRun:
     run_dir: Path
     checkpoint: Path
     epoch: int | None
@@ -67,40 +74,39 @@ class Run:
     test: Split
 
 
-def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
-             data_root: str | None = None) -> Run:
+def load_trained_run(run_dir: str | Path, checkpoint: str | Path | None = None, device: str = "cpu",
+             data_root: str | None = None) -> TrainedRun:
     """The run's model (eval mode, on `device`), normaliser, resolved config and test split."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AnalyzeError(f"run directory {run_dir} does not exist")
-    path = Path(checkpoint) if checkpoint else run_dir / "checkpoint.pt"
+    path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
     if not path.is_file():
         raise AnalyzeError(f"no checkpoint at {path} (train with checkpoint=true, or pass --checkpoint PATH)")
-    try:
-        state = load_checkpoint(path, map_location=device)
-    except Exception as e:  # truncated file, foreign pickle, not a checkpoint at all
-        raise AnalyzeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    missing = [k for k in ("model", "config", "normalizer") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise AnalyzeError(f"{path} is not an sdrun checkpoint (missing {', '.join(missing)})")
-    cfg = OmegaConf.create(state["config"])
+    saved = SavedRun.load(path)  # one-line CheckpointError for unreadable, unsafe or foreign files
+    cfg = OmegaConf.create(saved.config)
+    if cfg.dataset.name not in SMALL_IMAGE_DATASETS:
+        # Its test split is decoded from JPEGs per batch and normalised per channel; the
+        # analysis holds the whole split normalised on the device, which ImageNet's 50k
+        # 224x224 images would not fit, and would take hours of passes on the ResNet-152.
+        raise AnalyzeError(f"{run_dir} is a {cfg.dataset.name} run; sdrun analyze works on runs of the "
+                           f"32x32 datasets ({', '.join(SMALL_IMAGE_DATASETS)})")
     if data_root is not None:
         cfg.dataset.root = data_root
     try:
-        model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL, cfg.survival,
-                            cfg.model.scaling, cfg.model.shortcut_pool)
-        model.load_state_dict(state["model"])
+        model = model_for(cfg)
+        model.load_state_dict(saved.model)
     except (ValueError, RuntimeError) as e:  # a config this version cannot build, or weights that do not fit
         raise AnalyzeError(f"{path}: cannot rebuild the model from its config: {e}") from None
     model.to(device).eval()
-    normalizer = Normalizer(state["normalizer"]["mean"], state["normalizer"]["std"]).to(device)
+    normalizer = Normalizer(saved.normalizer["mean"], saved.normalizer["std"]).to(device)
     data = load_image_data(cfg.dataset, cfg.seed)
-    return Run(run_dir, path, state.get("epoch"), cfg, model, normalizer, data.train, data.test)
+    return TrainedRun(run_dir, path, saved.epoch, cfg, model, normalizer, data.train, data.test)
 
 
 # ---------------------------------------------------------------- evaluating gated networks
 
-class Evaluator:
+class SubnetworkEvaluator:
     """A split (the test split, normally), normalised once into device batches, and the
     logits of gated networks on it.
 
@@ -179,7 +185,7 @@ def doubling(limit: int) -> list[int]:
     return points + ([limit] if points[-1] != limit else [])
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_and_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -189,7 +195,7 @@ def _stream_seeds(seed: int, n: int) -> list[int]:
     return [int(c.generate_state(1, np.uint64)[0]) >> 1 for c in children]
 
 
-def monte_carlo_ensemble(ev: Evaluator, probs: Sequence[float], k_max: int, seed: int,
+def monte_carlo_ensemble(ev: SubnetworkEvaluator, probs: Sequence[float], k_max: int, seed: int,
                          bn_batches: Sequence[torch.Tensor] | None = None) -> dict:
     """Softmax average of k_max sub-networks drawn with the training survival probabilities.
 
@@ -211,20 +217,20 @@ def monte_carlo_ensemble(ev: Evaluator, probs: Sequence[float], k_max: int, seed
         samples.append({"active_blocks": sum(gates), "error_pct": ev.error_pct(p)})
         if k in report_at:
             curve.append({"k": k, "error_pct": ev.error_pct(total)})
-    mean, std = _mean_std([s["error_pct"] for s in samples])
+    mean, std = _mean_and_std([s["error_pct"] for s in samples])
     return {"ensemble": curve,
             "subnetworks": {"error_pct_mean": mean, "error_pct_std": std,
                             "active_blocks_mean": statistics.fmean(s["active_blocks"] for s in samples),
                             "samples": samples}}
 
 
-def lesion_study(ev: Evaluator, blocks: Sequence[int], transition: Sequence[bool]) -> list[dict]:
+def lesion_study(ev: SubnetworkEvaluator, blocks: Sequence[int], transition: Sequence[bool]) -> list[dict]:
     logits = ev.lesion_logits(blocks)
     return [{"block": b + 1, "transition": transition[b], "error_pct": ev.error_pct(out)}
             for b, out in logits.items()]
 
 
-def random_removal(ev: Evaluator, num_blocks: int, draws: int, seed: int) -> list[dict]:
+def random_removal(ev: SubnetworkEvaluator, num_blocks: int, draws: int, seed: int) -> list[dict]:
     """Error with m blocks removed at random (the rest on the test rule), m = 1, 2, 4, ..., L."""
     g = torch.Generator().manual_seed(seed)
     rows = []
@@ -235,13 +241,13 @@ def random_removal(ev: Evaluator, num_blocks: int, draws: int, seed: int) -> lis
             for b in torch.randperm(num_blocks, generator=g)[:m].tolist():
                 gates[b] = False
             errors.append(ev.error_pct(ev.logits(gates)))
-        mean, std = _mean_std(errors)
+        mean, std = _mean_and_std(errors)
         rows.append({"num_removed": m, "draws": len(errors), "error_pct_mean": mean,
                      "error_pct_std": std, "error_pct": errors})
     return rows
 
 
-def analyze_run(run: Run, k_max: int = 32, lesion: Sequence[int] | None = None, removal_draws: int = 8,
+def analyze_run(run: TrainedRun, k_max: int = 32, lesion: Sequence[int] | None = None, removal_draws: int = 8,
                 seed: int | None = None, test_images: int | None = None, batch_size: int = 500,
                 bn_recompute: int = 0) -> dict:
     """Every measurement for one run. `lesion`: 0-based blocks (None = all).
@@ -263,7 +269,7 @@ def analyze_run(run: Run, k_max: int = 32, lesion: Sequence[int] | None = None, 
         idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(subset_seed))[:test_images]
         idx = idx.sort().values
         split = Split(split.images[idx], split.labels[idx])
-    ev = Evaluator(model, split, run.normalizer, batch_size)
+    ev = SubnetworkEvaluator(model, split, run.normalizer, batch_size)
     transition = [not isinstance(b.shortcut, nn.Identity) for b in model.blocks]
 
     result = {
@@ -292,12 +298,6 @@ def analyze_run(run: Run, k_max: int = 32, lesion: Sequence[int] | None = None, 
 
 
 # ---------------------------------------------------------------- the report
-
-def run_label(result: dict) -> str:
-    if all(p == 1.0 for p in result["survival_probs"]):
-        return "constant depth"
-    return f"stochastic depth (pL={result['pL']:g}, {result['survival']})"
-
 
 def format_table(results: Sequence[dict]) -> str:
     """One column per run, one row per measurement (test error in %)."""
@@ -382,8 +382,6 @@ def _lesion_set(text: str) -> list[int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sdrun.cli import ArgParser  # one-line usage errors, like every other sdrun command
-
     p = ArgParser(prog="sdrun analyze", description=(
         "Test the implicit-ensemble explanation on a trained run: test-time rule vs Monte-Carlo "
         "ensembles of sampled sub-networks, lesions of single blocks, random removal of blocks. "
@@ -412,24 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AnalyzeError(f"--device {name} but CUDA is not available here (use cpu or auto)")
-    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
-        raise AnalyzeError(f"--device {name!r} must be auto, cpu, cuda or cuda:N")
-    return name
-
-
 def analyze(args: argparse.Namespace) -> list[dict]:
-    device = _device(args.device)
+    device = str(resolve_device(args.device))
     targets = [(args.run_dir, args.checkpoint)]
     if args.compare:
         targets.append((args.compare, args.compare_checkpoint))
     results = []
     for run_dir, checkpoint in targets:
-        run = load_run(run_dir, checkpoint, device, args.data_root)
+        run = load_trained_run(run_dir, checkpoint, device, args.data_root)
         results.append(analyze_run(run, args.k_max, args.lesion, args.removal_draws, args.seed,
                                    args.test_images, args.batch_size, args.bn_recompute))
     return results
@@ -438,8 +426,6 @@ def analyze(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
-    from sdrun.cli import one_line
-    from sdrun.config import ConfigError
     from sdrun.data import DataError
 
     args = build_parser().parse_args(argv)
@@ -447,12 +433,10 @@ def main(argv: list[str]) -> int:
         results = analyze(args)
         out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
         out.mkdir(parents=True, exist_ok=True)
-    except (AnalyzeError, ConfigError, DataError, OmegaConfBaseException, OSError) as e:
+    except (UserError, OmegaConfBaseException, OSError) as e:
         hint = " (--data-root DIR reads the test split from elsewhere)" if isinstance(e, DataError) else ""
-        print(f"sdrun analyze: error: {one_line(e)}{hint}", file=sys.stderr)
+        print_error("sdrun analyze", e, hint)
         return 2
-    from sdrun.analyze_plots import plot_all
-
     table = format_table(results)
     write_json(out / "analysis.json", {"command": ["sdrun", "analyze", *argv], "runs": results})
     (out / "report.txt").write_text(table)

@@ -11,7 +11,13 @@ from typing import Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from sdrun.analyze import run_label
+
+def run_label(result: dict) -> str:
+    """How a run is named in the analysis report and plots."""
+    if all(p == 1.0 for p in result["survival_probs"]):
+        return "constant depth"
+    return f"stochastic depth (pL={result['pL']:g}, {result['survival']})"
+
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 

@@ -33,13 +33,13 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sdrun.config import ConfigError, Toggle, register_configs
+from sdrun.config import ConfigError, OptimConfig, Toggle, register_configs
+from sdrun.errors import ArgParser
 from sdrun.data import Normalizer, Split, eval_batches
-from sdrun.io import save_checkpoint
+from sdrun.files import save_checkpoint
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.speed import compile_branches
@@ -81,7 +81,8 @@ def median(xs: list[float]) -> float:
 
 
 class Stepper:
-    """A model, its optimiser, its gate sampler and one pre-made batch: the trainer's step, bare."""
+    """A model, its optimiser, its gate sampler and one pre-made batch: the trainer's own
+    `train_step` (gradient statistics included), without data path, evaluation or logging."""
 
     def __init__(self, depth: int, p_last: float, rt, batch_size: int, seed: int = 1, compile: bool = False):
         seed_global(seed)
@@ -90,8 +91,8 @@ class Stepper:
         self.model = build_model("cifar_resnet", depth, 10, p_last, "linear").to(rt.device, memory_format=fmt)
         if compile:
             compile_branches(self.model)
-        self.optimizer = make_optimizer(self.model, OmegaConf.create(
-            {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}))
+        self.optimizer = make_optimizer(self.model, OmegaConf.structured(OptimConfig))  # the paper's SGD
+        self.grad_stats = GradStats(self.model)
         self.gates = GateSampler(self.model.survival_probs, derive_seed(seed, "gates"))
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch_size, 3, 32, 32, generator=g).to(rt.device, memory_format=fmt)
@@ -99,7 +100,7 @@ class Stepper:
         self.num_blocks = len(self.model.survival_probs)
 
     def steps(self, n: int, batches: list | None = None) -> tuple[float, int]:
-        """Run n training steps; (seconds, blocks run). The body is sdrun.train's step."""
+        """Run n training steps; (seconds, blocks run)."""
         self.model.train()
         active = 0
         sync(self.rt.device)
@@ -107,13 +108,10 @@ class Stepper:
         for i in range(n):
             x, y = batches[i % len(batches)] if batches else (self.x, self.y)
             step_gates = self.gates.draw()
-            with autocast(self.rt):
-                loss = F.cross_entropy(self.model(x, step_gates), y)
-            self.optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            self.optimizer.step()
+            train_step(self.model, self.optimizer, x, y, step_gates, self.rt, grad_stats=self.grad_stats)
             active += sum(step_gates)
         sync(self.rt.device)
+        self.grad_stats.end_epoch()  # read and reset the accumulators, as the trainer does once per epoch
         return time.perf_counter() - t0, active
 
 
@@ -273,17 +271,9 @@ def environment(rt) -> dict:
     return env
 
 
-class OneLineErrors(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (the usage stays behind --help), exit code 2."""
-
-    def error(self, message: str):
-        print(f"sdrun bench: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = OneLineErrors(prog="sdrun bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(prog="sdrun bench", description=__doc__.split("\n\n")[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--sections", default=None,
                    help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; compile on CUDA only)")

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from sdrun.errors import UserError, print_error
 
 USAGE = """usage: sdrun <command> [args]
 
@@ -46,6 +47,7 @@ def _hydra_train() -> None:
         from hydra.core.hydra_config import HydraConfig
 
         from sdrun.launchers import job_resources
+        from sdrun.results import HEADLINE
         from sdrun.runs import AlreadyFinished
         from sdrun.train import Interrupted, train
 
@@ -67,40 +69,22 @@ def _hydra_train() -> None:
                 raise
             _print_error(e)
             raise SystemExit(2) from None
-        return results["test_error_at_best_val_pct"]
+        return results[HEADLINE]
 
     app()
 
 
-_NOISE = ("full_key:", "object_type=", "reference_type=", "provider=", "Config search path")
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message (and its cause's) folded onto one line, without Hydra's
-    search-path dump or OmegaConf's key/type trailer."""
-    parts = []
-    for e in (exc, exc.__cause__):
-        if e is None:
-            continue
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        parts += [line for line in lines if not line.startswith(_NOISE)]
-    return " ".join(parts) or type(exc).__name__
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What `sdrun train` reports on one line: sdrun's own, and Hydra's and OmegaConf's
+    composition errors (an unknown key, a value of the wrong type, a bad override)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from sdrun.config import ConfigError
-    from sdrun.data import DataError
-    from sdrun.io import OutputError
-    from sdrun.runs import CheckpointError
-    return (ConfigError, DataError, CheckpointError, OutputError, HydraException, OmegaConfBaseException,
-            FloatingPointError)
+    return (UserError, HydraException, OmegaConfBaseException)
 
 
 def _print_error(e: BaseException, note: str = "") -> None:
-    print(f"sdrun train: error: {one_line(e)}{note}", file=sys.stderr)
+    print_error("sdrun train", e, note)
 
 
 # Hydra prints multi-line reports for composition errors; we want one line, so we ask it to
@@ -159,18 +143,6 @@ def sweep_note() -> str:
         return ""
     return (f" [sweep: {len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}; the others' results "
             f"are kept; see {runs.LAST_SWEEP_SUMMARY}]")
-
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse for the non-Hydra subcommands, with its usage errors on one line."""
-
-    def fail(self, message: str, code: int = 2) -> int:
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        return code
-
-    def error(self, message: str):
-        sys.exit(self.fail(message))
 
 
 def run_table(argv: list[str]) -> int:

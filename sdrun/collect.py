@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sdrun.config import RUNTIME_ONLY, flatten
+from sdrun.errors import UserError
+from sdrun.results import FINISHED, HEADLINE, RESULTS
 
 # results.json keys the tables and figures read; a finished run without them is corrupt.
 REQUIRED_KEYS = ("dataset", "depth", "pL", "survival", "seed", "epochs", "num_blocks",
-                 "test_error_at_best_val_pct", "train_time_s", "train_time_per_epoch_s",
+                 HEADLINE, "train_time_s", "train_time_per_epoch_s",
                  "expected_active_blocks", "config")
-NUMBER_KEYS = ("depth", "pL", "seed", "epochs", "num_blocks", "test_error_at_best_val_pct",
+NUMBER_KEYS = ("depth", "pL", "seed", "epochs", "num_blocks", HEADLINE,
                "train_time_s", "train_time_per_epoch_s", "expected_active_blocks")
 
 # Config keys that do not change what a run measures, so runs differing only in them may
@@ -41,12 +43,12 @@ NOT_RECIPE = RUNTIME_ONLY | {"seed", "pL", "survival", "depth", "dataset.name", 
 Recipe = tuple[tuple[str, Any], ...]
 
 
-class RunsError(ValueError):
+class RunsError(UserError, ValueError):
     """Bad input to `sdrun table`/`sdrun plot` (a missing directory, no finished run)."""
 
 
 @dataclass(frozen=True)
-class Run:
+class FinishedRun:
     path: Path
     results: dict
     recipe: Recipe
@@ -91,7 +93,7 @@ class Group:
     survival: str | None          # None for constant depth (pL = 1)
     recipe: Recipe
     variant: str                  # the recipe settings that differ from other rows ('' if none)
-    runs: list[Run] = field(default_factory=list)
+    runs: list[FinishedRun] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -123,7 +125,7 @@ class Group:
         return f"stochastic, {self.survival} pL={self.pL:g}"
 
 
-def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Skipped]]:
+def find_runs(roots: Iterable[str | Path]) -> tuple[list[FinishedRun], list[Skipped]]:
     """Every run directory below the roots: finished runs, and the others with a reason."""
     runs, skipped, seen = [], [], set()
     for root in roots:
@@ -132,15 +134,15 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[Run], list[Skipped]]:
             raise RunsError(f"{root} is not a directory")
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            if not ({"results.json", "metrics.jsonl"} & set(filenames) or ".hydra" in dirnames):
+            if not ({RESULTS, "metrics.jsonl"} & set(filenames) or ".hydra" in dirnames):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 continue
             dirnames[:] = []  # a run directory holds no further runs
             if here.resolve() in seen:
                 continue
             seen.add(here.resolve())
-            run = load_run(here)
-            (runs if isinstance(run, Run) else skipped).append(run)
+            run = read_run(here)
+            (runs if isinstance(run, FinishedRun) else skipped).append(run)
     runs, duplicates = _drop_duplicates(runs)
     return runs, sorted(skipped + duplicates, key=lambda s: str(s.path))
 
@@ -159,8 +161,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
-def load_run(path: Path) -> Run | Skipped:
-    results_path = path / "results.json"
+def read_run(path: Path) -> FinishedRun | Skipped:
+    results_path = path / RESULTS
     if not results_path.is_file():
         epochs = len(read_metrics(path))
         return Skipped(path, f"unfinished: no results.json ({epochs} epoch(s) in metrics.jsonl)")
@@ -170,7 +172,7 @@ def load_run(path: Path) -> Run | Skipped:
         return Skipped(path, f"corrupt results.json ({e})")
     if not isinstance(results, dict):
         return Skipped(path, "corrupt results.json (not a JSON object)")
-    if results.get("status") != "finished":
+    if results.get("status") != FINISHED:
         return Skipped(path, f"status is {results.get('status')!r}, not 'finished'")
     missing = [k for k in REQUIRED_KEYS if results.get(k) is None]
     if missing:
@@ -179,7 +181,7 @@ def load_run(path: Path) -> Run | Skipped:
            if isinstance(results[k], bool) or not isinstance(results[k], (int, float)) or not math.isfinite(results[k])]
     if bad or not isinstance(results["config"], dict):
         return Skipped(path, f"results.json has non-numeric or non-finite {', '.join(bad) or 'config'}")
-    return Run(path, results, recipe_of(results))
+    return FinishedRun(path, results, recipe_of(results))
 
 
 def recipe_of(results: dict) -> Recipe:
@@ -196,14 +198,14 @@ def _hashable(v: Any) -> Any:
     return tuple(_hashable(x) for x in v) if isinstance(v, list) else v
 
 
-def _drop_duplicates(runs: list[Run]) -> tuple[list[Run], list[Skipped]]:
+def _drop_duplicates(runs: list[FinishedRun]) -> tuple[list[FinishedRun], list[Skipped]]:
     """Two runs of the same setting and seed would count one result twice: keep the newest."""
     by_key = defaultdict(list)
     for run in runs:
         by_key[(run.dataset, run.depth, run.pL, run.survival, run.recipe, run.seed)].append(run)
     kept, skipped = [], []
     for same in by_key.values():
-        same.sort(key=lambda r: ((r.path / "results.json").stat().st_mtime, str(r.path)), reverse=True)
+        same.sort(key=lambda r: ((r.path / RESULTS).stat().st_mtime, str(r.path)), reverse=True)
         kept.append(same[0])
         skipped += [Skipped(r.path, f"duplicate of {same[0].path} (same settings and seed)") for r in same[1:]]
     return sorted(kept, key=lambda r: str(r.path)), skipped
@@ -227,7 +229,7 @@ def _show(v: Any) -> str:
     return str(list(v)) if isinstance(v, tuple) else str(v)
 
 
-def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
+def group_runs(runs: list[FinishedRun]) -> tuple[list[Group], list[str]]:
     """Groups sorted by dataset, depth, survival and descending pL, and notes on the settings
     that were split rather than averaged."""
     groups: dict[tuple, Group] = {}
@@ -279,3 +281,5 @@ def load_groups(dirs: list[str]) -> tuple[list[Group], list[str]]:
 
 class NoRuns(RunsError):
     """The directories exist but hold no finished run (exit code 1, not a usage error)."""
+
+    exit_code = 1

@@ -14,9 +14,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from sdrun.errors import UserError
 
-class ConfigError(ValueError):
-    """A bad setting; the CLI prints its message on one line and exits non-zero."""
+
+class ConfigError(UserError, ValueError):
+    """A bad setting."""
 
 
 class Choice(str, Enum):
@@ -44,16 +46,28 @@ class Toggle(Choice):
 
 
 class Loader(Choice):
-    """How training batches are made (see sdrun.cifar_loader)."""
+    """How training batches are made (see sdrun.batches)."""
     device = "device"          # uint8 split on the training device, batched augmentation there
     dataloader = "dataloader"  # torch DataLoader + torchvision transforms, per image, on the host
+
+
+class ImageFormat(Choice):
+    """How CIFAR is stored under dataset.root (see sdrun.data.load_cifar)."""
+    auto = "auto"                # imagefolder when root/train exists and the pickle folder does not
+    pickle = "pickle"            # torchvision's official pickle batches
+    imagefolder = "imagefolder"  # train/<class>/*.png|jpg and test/<class>/...
+
+
+class Arch(Choice):
+    cifar_resnet = "cifar_resnet"        # 6n+2 layers, for 32x32 inputs (CIFAR, SVHN)
+    imagenet_resnet = "imagenet_resnet"  # ResNet-18/34/50/101/152
 
 
 @dataclass
 class DatasetConfig:
     name: str = MISSING           # cifar10 | cifar100 | digits | svhn | imagenet
     root: str = "data"            # where the dataset lives (relative to the working directory)
-    format: str = "auto"          # auto | pickle | imagefolder (CIFAR); see sdrun.data
+    format: ImageFormat = ImageFormat.auto  # CIFAR: auto | pickle | imagefolder
     download: bool = False        # use torchvision's downloader (needs the network)
     check_md5: bool = True        # torchvision's checksum check of the official files
     num_classes: int = 10
@@ -83,7 +97,7 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "cifar_resnet"    # cifar_resnet (6n+2, CIFAR/SVHN) | imagenet_resnet (18/34/50/101/152)
+    arch: Arch = Arch.cifar_resnet
     shortcut_pool: str = "avg"    # avg (paper) | subsample (reference code before its 2017 fix)
     scaling: BranchScaling = BranchScaling.paper
 
@@ -153,17 +167,15 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append(f"pL={cfg.pL} is outside [0, 1] (it is the last block's survival probability)")
     if cfg.model.scaling == BranchScaling.inverted and cfg.pL == 0.0:
         problems.append("pL=0 with model.scaling=inverted would divide by zero")
-    if cfg.model.arch == "cifar_resnet" and not _is_cifar_depth(cfg.depth):
+    if cfg.model.arch == Arch.cifar_resnet and not _is_cifar_depth(cfg.depth):
         n = max(1, round((cfg.depth - 2) / 6))
         problems.append(f"depth={cfg.depth} is not 6n+2 for the CIFAR/SVHN ResNet "
                         f"(nearest: {6 * n + 2}; the paper uses 110, 152 and 1202)")
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if cfg[key] < 1:
             problems.append(f"{key}={cfg[key]} must be at least 1")
-    if cfg.model.arch == "imagenet_resnet" and cfg.depth not in IMAGENET_DEPTHS:
+    if cfg.model.arch == Arch.imagenet_resnet and cfg.depth not in IMAGENET_DEPTHS:
         problems.append(f"depth={cfg.depth} is not an ImageNet ResNet depth (one of {', '.join(map(str, IMAGENET_DEPTHS))})")
-    if cfg.model.arch not in ("cifar_resnet", "imagenet_resnet"):
-        problems.append(f"model.arch={cfg.model.arch!r} must be cifar_resnet or imagenet_resnet")
     if cfg.eval_every_steps is not None and cfg.eval_every_steps < 1:
         problems.append(f"eval_every_steps={cfg.eval_every_steps} must be at least 1 (or null)")
     if len(cfg.dataset.val_per_class) != 2 or min(cfg.dataset.val_per_class) < 0:

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sdrun.distributed import Context, shard
+from sdrun.errors import UserError
 from sdrun.rng import cpu_generator
 
 
-class DataError(RuntimeError):
-    """Missing or unreadable data; the CLI prints the message on one line."""
+class DataError(UserError, RuntimeError):
+    """Missing or unreadable data."""
 
 
 @dataclass
@@ -97,7 +98,7 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
 
     cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
     root = Path(cfg.root)
-    fmt = cfg.format
+    fmt = str(cfg.format)
     if fmt == "auto":
         fmt = "imagefolder" if (root / "train").is_dir() and not (root / cls.base_folder).is_dir() else "pickle"
     if fmt == "imagefolder":
@@ -109,8 +110,6 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
         if te_classes != classes:
             raise DataError(f"{root}/train and {root}/test have different class folders")
         return _nhwc_to_split(tr_x, tr_y), _nhwc_to_split(te_x, te_y), classes
-    if fmt != "pickle":
-        raise DataError(f"dataset.format={fmt!r}: expected auto, pickle or imagefolder")
     reader = cls if cfg.check_md5 else _without_md5(cls)
     files = [f for f, _ in cls.train_list + cls.test_list]
     try:
@@ -243,6 +242,54 @@ def load_image_data(cfg, seed: int) -> ImageData:
     return ImageData(train, val, test, classes)
 
 
+# ---------------------------------------------------------------- what the trainer consumes
+
+class TrainBatchSource(Protocol):
+    """One epoch of training batches per iteration, restorable at epoch boundaries.
+
+    Three implementations: `TrainBatches` (uint8 split on the device, batched augmentation),
+    `sdrun.batches.DataLoaderBatches` (torchvision transforms per image) and
+    `sdrun.imagenet.LoaderBatches` (JPEGs decoded by DataLoader workers).
+    """
+
+    def __len__(self) -> int: ...          # steps in one epoch (after max_steps_per_epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...  # (images, labels) on the device
+
+    def global_batch_size(self, step: int) -> int: ...  # images in the global batch of 1-based `step`
+
+    def state_dict(self) -> dict: ...      # the generators that draw the next epoch
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int = 1, max_steps: int | None = None) -> int:
+    """Steps in an epoch of n images: the last, smaller batch is kept, unless some rank's slice
+    of it would be empty (distributed); capped at max_steps."""
+    steps = -(-n // batch_size)
+    if world_size > 1 and global_batch_size(n, batch_size, steps) < world_size:
+        steps -= 1
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def global_batch_size(n: int, batch_size: int, step: int) -> int:
+    """Images in the global batch of 1-based `step` of an epoch of n images; only the last can be smaller."""
+    return min(batch_size, n - (step - 1) * batch_size)
+
+
+@dataclass
+class RunData:
+    """The data of one run, as the trainer uses it (built by sdrun.batches.build_run_data)."""
+    train: Split | object   # a Split, or a torch Dataset (ImageNet); only len() is used by the trainer
+    val: Split | object | None
+    test: Split | object
+    classes: list[str]
+    normalizer: object     # state_dict() is saved in checkpoints for sdrun analyze
+    train_batches: TrainBatchSource
+    # "val" | "test" -> a fresh iterable of (images, labels) device batches; None without the split
+    eval_sets: dict[str, Callable[[], Iterable] | None]
+
+
 # ---------------------------------------------------------------- normalisation and batches
 
 class Normalizer:
@@ -316,19 +363,15 @@ class TrainBatches:
         self.max_steps, self.channels_last = max_steps, channels_last
         self.rank, self.world_size = rank, world_size
         # Order and augmentation draw from separate streams, so the order of a seed does not
-        # depend on the augmentation settings and equals the DataLoader path's (sdrun.cifar_loader).
+        # depend on the augmentation settings and equals the DataLoader path's (sdrun.batches).
         self.generator = cpu_generator(seed, "data")
         self.augment_generator = cpu_generator(seed, "augment")
 
     def __len__(self) -> int:
-        steps = -(-len(self.split) // self.batch_size)  # the last, smaller batch is kept...
-        if self.world_size > 1 and self.global_batch_size(steps) < self.world_size:
-            steps -= 1  # ...unless some rank's slice of it would be empty
-        return steps if self.max_steps is None else min(steps, self.max_steps)
+        return steps_per_epoch(len(self.split), self.batch_size, self.world_size, self.max_steps)
 
     def global_batch_size(self, step: int) -> int:
-        """Images in the global batch of `step` (1-based); only the last one can be smaller."""
-        return min(self.batch_size, len(self.split) - (step - 1) * self.batch_size)
+        return global_batch_size(len(self.split), self.batch_size, step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g, t = self.augment_generator, self.translate

@@ -94,11 +94,6 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if current().distributed:
-        dist.barrier()
-
-
 # ---------------------------------------------------------------- device, model, data slices
 
 def place(device: torch.device, ctx: Context) -> torch.device:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdrun.io import append_jsonl
+from sdrun.files import append_jsonl
 
 
 class Evaluator:

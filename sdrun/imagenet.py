@@ -19,14 +19,13 @@ stream), so a run's batches are reproducible for a given num_workers.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from sdrun.data import DataError
+from sdrun.data import DataError, RunData, global_batch_size, steps_per_epoch
 from sdrun.distributed import SINGLE, Context, shard
 from sdrun.rng import cpu_generator
 
@@ -74,14 +73,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.n, self.batch_size, self.generator, self.ctx = n, batch_size, generator, ctx
 
     def __len__(self) -> int:
-        steps = -(-self.n // self.batch_size)  # the last, smaller batch is kept...
-        if self.ctx.world_size > 1 and self.global_batch_size(steps) < self.ctx.world_size:
-            steps -= 1  # ...unless some rank's part of it would be empty
-        return steps
+        return steps_per_epoch(self.n, self.batch_size, self.ctx.world_size)
 
     def global_batch_size(self, step: int) -> int:
-        """Images in the global batch of `step` (1-based); only the last one can be smaller."""
-        return min(self.batch_size, self.n - (step - 1) * self.batch_size)
+        return global_batch_size(self.n, self.batch_size, step)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.n, generator=self.generator).tolist()
@@ -132,19 +127,7 @@ class LoaderBatches:
             self.loader.generator.set_state(state["generator"])
 
 
-@dataclass
-class ImageNetData:
-    train: Dataset
-    val: Dataset | None  # held out from train/ when dataset.val_size > 0
-    test: Dataset        # the val/ folder
-    classes: list[str]
-    normalizer: ChannelNormalizer
-    train_batches: LoaderBatches
-    # name ("val" | "test") -> a fresh iterable of device batches, None where there is no such set
-    eval_sets: dict[str, Callable[[], Iterable] | None]
-
-
-def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: Context = SINGLE) -> ImageNetData:
+def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: Context = SINGLE) -> RunData:
     """The ImageNet datasets, loaders and normaliser of a run (cfg: the whole train config).
 
     Distributed (ctx): each rank loads its part of every global training batch and its
@@ -200,4 +183,6 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: C
                                 normalizer, device, channels_last=channels_last)
         return lambda: batches
 
-    return ImageNetData(train, val, test, classes, normalizer, train_batches, {"val": eval_set(val), "test": eval_set(test)})
+    # val is held out from train/ when dataset.val_size > 0; the test set is ImageNet's val/ folder
+    return RunData(train, val, test, classes, normalizer, train_batches,
+                   {"val": eval_set(val), "test": eval_set(test)})

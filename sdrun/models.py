@@ -56,7 +56,30 @@ class PadShortcut(nn.Module):
         return x
 
 
-class CifarResNet(nn.Module):
+class StochasticResNet(nn.Module):
+    """stem -> residual blocks (StochasticResidual, each with its survival probability) -> head.
+
+    Subclasses build `stem`, `blocks` and `fc`; the forward pass, the test-time network and
+    the head are shared, so every tool that works on one family works on the other.
+    """
+
+    stem: nn.Module
+    blocks: nn.ModuleList
+    fc: nn.Linear
+
+    @property
+    def survival_probs(self) -> list[float]:
+        return [b.survival_prob for b in self.blocks]
+
+    def forward(self, x: torch.Tensor, gates: Sequence[bool | None] | None = None) -> torch.Tensor:
+        return self.head(run_blocks(self.blocks, self.stem(x), gates))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> logits (global average pool, linear classifier)."""
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class CifarResNet(StochasticResNet):
     """The 6n+2-layer ResNet of He et al. for 32x32 inputs (CIFAR, SVHN), with L = 3n blocks."""
 
     def __init__(self, depth: int, num_classes: int, p_last: float = 0.5, rule: str = "linear",
@@ -80,17 +103,6 @@ class CifarResNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(64, num_classes)
         init_weights(self)
-
-    @property
-    def survival_probs(self) -> list[float]:
-        return [b.survival_prob for b in self.blocks]
-
-    def forward(self, x: torch.Tensor, gates: Sequence[bool | None] | None = None) -> torch.Tensor:
-        return self.head(run_blocks(self.blocks, self.stem(x), gates))
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's output -> logits (global average pool, linear classifier)."""
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 # ---------------------------------------------------------------- ImageNet ResNets
@@ -116,7 +128,7 @@ def projection_shortcut(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
 
-class ImageNetResNet(nn.Module):
+class ImageNetResNet(StochasticResNet):
     """The ImageNet ResNet of He et al. (18/34 basic, 50/101/152 bottleneck blocks), torchvision's layout.
 
     Stem conv7x7/2 + BN + ReLU + maxpool3x3/2; four stages of widths 64..512 (x4 out for
@@ -155,14 +167,6 @@ class ImageNetResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         init_weights(self, mode="fan_out")  # fb.resnet.torch: N(0, sqrt(2 / (k*k*out_channels)))
 
-    @property
-    def survival_probs(self) -> list[float]:
-        return [b.survival_prob for b in self.blocks]
-
-    def forward(self, x: torch.Tensor, gates: Sequence[bool | None] | None = None) -> torch.Tensor:
-        x = run_blocks(self.blocks, self.stem(x), gates)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
 
 def init_weights(model: nn.Module, mode: str = "fan_in") -> None:
     """He normal (ReLU gain; fan-in by default) for convolutions, BN to identity; Linear keeps PyTorch's default."""
@@ -180,9 +184,15 @@ def first_conv(block: StochasticResidual) -> nn.Conv2d:
 
 
 def build_model(arch: str, depth: int, num_classes: int, p_last: float, rule: str,
-                scaling: str = "paper", shortcut_pool: str = "avg") -> nn.Module:
+                scaling: str = "paper", shortcut_pool: str = "avg") -> StochasticResNet:
     if arch == "cifar_resnet":
         return CifarResNet(depth, num_classes, p_last, rule, scaling, shortcut_pool)
     if arch == "imagenet_resnet":
         return ImageNetResNet(depth, num_classes, p_last, rule, scaling)
     raise ValueError(f"unknown architecture {arch!r}")
+
+
+def model_for(cfg) -> StochasticResNet:
+    """The model a run's config describes (cfg: the whole train config, resolved or plain)."""
+    return build_model(str(cfg.model.arch), cfg.depth, cfg.dataset.num_classes, cfg.pL, str(cfg.survival),
+                       str(cfg.model.scaling), str(cfg.model.shortcut_pool))

@@ -24,9 +24,11 @@ from typing import Callable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sdrun.collect import Group, NoRuns, RunsError, cohorts, load_groups, variant_labels
+from sdrun.errors import ArgParser
+from sdrun.results import HEADLINE
+from sdrun.collect import Group, RunsError, cohorts, load_groups, variant_labels
 
-ERROR_KEY = "test_error_at_best_val_pct"
+ERROR_KEY = HEADLINE
 GRAD_KEY = "grad_mean_abs"      # per-epoch list, one value per block (element 0: block 1), null if it never ran
 STYLE = {"constant depth": {"color": "tab:blue", "linestyle": "--"}, "linear": {"color": "tab:red"},
          "uniform": {"color": "tab:green"}}
@@ -237,8 +239,6 @@ def _safe(stem: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from sdrun.cli import ArgParser
-
     parser = ArgParser(prog="sdrun plot", description=(
         "The paper's Figs. 3, 7 and 8 (left and right) from finished runs below the given directories, "
         "as PNG and PDF in --out."))
@@ -249,7 +249,7 @@ def main(argv: list[str]) -> int:
     try:
         groups, notes = load_groups(args.dirs)
     except RunsError as e:
-        return parser.fail(str(e), code=1 if isinstance(e, NoRuns) else 2)
+        return parser.fail(str(e), code=e.exit_code)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     figures, skipped = make_figures(groups)

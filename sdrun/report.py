@@ -20,7 +20,9 @@ from pathlib import Path
 from tabulate import tabulate
 
 from sdrun import paper
-from sdrun.collect import Group, NoRuns, RunsError, cohorts, load_groups
+from sdrun.errors import ArgParser
+from sdrun.results import HEADLINE
+from sdrun.collect import Group, RunsError, cohorts, load_groups
 
 TABLE1_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n", "seeds",
                  "test_error_pct_mean", "test_error_pct_std", "paper_test_error_pct", "diff_vs_paper_pct"]
@@ -41,10 +43,10 @@ TABLE2_NOTE = ("Ratio: time per epoch over that of the constant-depth runs of th
 def table1_rows(groups: list[Group]) -> list[dict]:
     rows = []
     for g in groups:
-        mean = g.mean("test_error_at_best_val_pct")
+        mean = g.mean(HEADLINE)
         ref = paper.table1_error_pct(g.dataset, g.depth, g.epochs, g.pL, g.survival or "linear")
         rows.append({**_setting(g), "seeds": " ".join(str(r.seed) for r in sorted(g.runs, key=lambda r: r.seed)),
-                     "test_error_pct_mean": mean, "test_error_pct_std": g.std("test_error_at_best_val_pct"),
+                     "test_error_pct_mean": mean, "test_error_pct_std": g.std(HEADLINE),
                      "paper_test_error_pct": ref, "diff_vs_paper_pct": None if ref is None else mean - ref})
     return rows
 
@@ -87,7 +89,7 @@ def _num(x: float | None, digits: int = 2) -> str | None:
     return None if x is None else f"{x:.{digits}f}"
 
 
-def _mean_std(mean: float, std: float | None, digits: int = 2) -> str:
+def _format_mean_std(mean: float, std: float | None, digits: int = 2) -> str:
     return _num(mean, digits) if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
@@ -114,7 +116,7 @@ def _model(row: dict) -> str:
 def table1_display(rows: list[dict]) -> tuple[list[str], list[list]]:
     headers = ["dataset", "depth", "model", "epochs", "n", "test error (%)", "paper (%)", "diff"]
     body = [[r["dataset"], str(r["depth"]), _model(r), str(r["epochs"]), str(r["n"]),
-             _mean_std(r["test_error_pct_mean"], r["test_error_pct_std"]),
+             _format_mean_std(r["test_error_pct_mean"], r["test_error_pct_std"]),
              _num(r["paper_test_error_pct"]), _signed(r["diff_vs_paper_pct"])] for r in rows]
     return _with_variant(headers, body, rows)
 
@@ -123,7 +125,7 @@ def table2_display(rows: list[dict]) -> tuple[list[str], list[list]]:
     headers = ["dataset", "depth", "model", "epochs", "n", "s / epoch", "training time", "ratio",
                "expected-depth ratio", "paper time", "paper ratio"]
     body = [[r["dataset"], str(r["depth"]), _model(r), str(r["epochs"]), str(r["n"]),
-             _mean_std(r["train_time_per_epoch_s_mean"], r["train_time_per_epoch_s_std"], 3),
+             _format_mean_std(r["train_time_per_epoch_s_mean"], r["train_time_per_epoch_s_std"], 3),
              duration(r["train_time_s_mean"]), _num(r["measured_ratio"]), _num(r["expected_depth_ratio"]),
              duration(None if r["paper_train_time_min"] is None else 60 * r["paper_train_time_min"]),
              _num(r["paper_ratio"])] for r in rows]
@@ -175,8 +177,6 @@ def write_outputs(out: Path, t1: list[dict], t2: list[dict], md: str) -> list[Pa
 
 
 def main(argv: list[str]) -> int:
-    from sdrun.cli import ArgParser
-
     parser = ArgParser(prog="sdrun table", description=(
         "Tables 1 and 2 of the paper from finished runs below the given directories (single runs "
         "and multirun sweeps), seeds averaged, beside the paper's figures. Markdown on stdout."))
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
     try:
         groups, notes = load_groups(args.dirs)
     except RunsError as e:
-        return parser.fail(str(e), code=1 if isinstance(e, NoRuns) else 2)
+        return parser.fail(str(e), code=e.exit_code)
     t1, t2 = table1_rows(groups), table2_rows(groups)
     md = markdown(t1, t2, notes)
     print(md)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import pickle
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,19 +19,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain, validate
-from sdrun.io import load_checkpoint, write_json
-
-CHECKPOINT = "checkpoint.pt"
-RESULTS = "results.json"
-
-
+from sdrun.errors import one_line
+from sdrun.files import write_json
+from sdrun.results import FINISHED, RESULTS, read_status
+from sdrun.state import CHECKPOINT, CheckpointError, SavedRun
 
 class AlreadyFinished(Exception):
     """The run directory holds a finished run: nothing to do (requeue-friendly, exit 0)."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: unreadable, unsafe or from another config."""
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -42,24 +34,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys]
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint safely (weights_only) with a one-line reason when it cannot be used."""
-    if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
-        raise CheckpointError(f"{path} is not a readable checkpoint (not a torch.save archive)")
-    try:
-        return load_checkpoint(path)
-    except pickle.UnpicklingError as e:
-        # torch names the offending global ("... unsupported GLOBAL posix.system whose module ...").
-        detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
-        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain data; "
-                              f"refusing to load it with weights_only=True" + (f" ({detail})" if detail else "")) from None
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except Exception as e:  # truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-
-
-def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> SavedRun | None:
     """Return the checkpoint to resume from (None for a new run), or raise.
 
     Raises AlreadyFinished when results.json says the run is done, and CheckpointError
@@ -67,25 +42,18 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
     """
     run_dir = Path(run_dir)
     results = run_dir / RESULTS
-    if results.is_file():
-        try:
-            status = json.loads(results.read_text()).get("status")
-        except (json.JSONDecodeError, OSError, AttributeError):
-            status = None
-        if status == "finished":
-            raise AlreadyFinished(f"{run_dir} already holds a finished run ({results}); nothing to do. "
-                                  f"Pick another hydra.run.dir to train again.")
+    if read_status(run_dir) == FINISHED:
+        raise AlreadyFinished(f"{run_dir} already holds a finished run ({results}); nothing to do. "
+                              f"Pick another hydra.run.dir to train again.")
     ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.is_file():
         return None
-    state = read_checkpoint(ckpt_path)
-    if not isinstance(state, dict) or "config" not in state or "epoch" not in state:
-        raise CheckpointError(f"{ckpt_path} is not an sdrun training checkpoint")
-    diffs = config_differences(state["config"], to_plain(cfg))
+    saved = SavedRun.load(ckpt_path)
+    diffs = config_differences(saved.config, to_plain(cfg))
     if diffs:
         raise CheckpointError(f"{run_dir} belongs to another config ({'; '.join(diffs)}); "
                               f"use the run's own settings to resume it, or another hydra.run.dir")
-    return state
+    return saved
 
 
 def resume_dir(resume: str) -> Path:
@@ -132,8 +100,6 @@ class RunDirGuard(Callback):
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
             return
-        from sdrun.cli import one_line
-
         summary_path = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
         failed = job_return.status.name != "COMPLETED"
         job = {"num": config.hydra.job.num, "overrides": list(job_return.overrides or []),

@@ -1,6 +1,6 @@
 """The stochastic-depth mechanism, independent of any block type.
 
-Three pieces (paper section 3, ../shared/PAPER.md "The method"):
+Three pieces (the paper's section 3):
 - `survival_probs`: p_l for l = 1..L (linear decay or uniform).
 - `GateSampler`: one Bernoulli draw per block per mini-batch, all blocks at once, from a
   dedicated CPU generator, so drawing never syncs with an accelerator and every process of
@@ -82,7 +82,7 @@ class StochasticResidual(nn.Module):
     """
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module, survival_prob: float,
-                 scaling: str = "paper", post_activation: bool = True, act_on_drop: bool = False):
+                 scaling: str = "paper", act_on_drop: bool = False):
         super().__init__()
         if scaling not in BRANCH_SCALINGS:
             raise ValueError(f"unknown branch scaling {scaling!r}; expected one of {BRANCH_SCALINGS}")
@@ -90,7 +90,7 @@ class StochasticResidual(nn.Module):
         self.shortcut = shortcut
         self.survival_prob = float(survival_prob)
         self.scaling = scaling
-        self.act = nn.ReLU(inplace=True) if post_activation else nn.Identity()
+        self.act = nn.ReLU(inplace=True)  # post-activation: the ReLU follows the addition
         # A shortcut that can output negative values (a 1x1 conv + BN projection) needs the
         # activation on the dropped path too; it writes into the shortcut's fresh output.
         self.act_on_drop = act_on_drop

@@ -1,5 +1,8 @@
-"""What a run adds to TensorBoard beyond the per-epoch scalars: gradients per block,
+"""A run's TensorBoard output: the per-epoch scalars, and beyond them gradients per block,
 active depth, learning-rate drops, a custom-scalars layout and the HParams entries.
+
+Per-epoch scalars (`log_epoch`): loss/train, error/{train,val,test}[_top5], lr,
+time/epoch_train_s, throughput/train_images_per_s, depth/active_blocks_{mean,expected}.
 
 Tags (one point per epoch, step = epoch):
   grad/block_001 ... grad/block_NNN  mean |grad| of block l's first conv, over the steps it ran
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import importlib.resources
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +39,7 @@ from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from torch.utils.tensorboard import SummaryWriter
 
 from sdrun.gradstats import GradStats
+from sdrun.results import HEADLINE
 from sdrun.stochastic import SURVIVAL_RULES
 
 FIRST_BLOCK_TAG = "grad/first_block"
@@ -130,8 +135,30 @@ def custom_scalars_layout() -> dict:
 class RunBoard:
     """Writes the extras above into a run's SummaryWriter."""
 
+    @classmethod
+    def open(cls, cfg: DictConfig, run_dir, num_blocks: int, start_epoch: int, start_step: int,
+             evaluator=None) -> "RunBoard":
+        """The run's event file (and, with eval_every_steps, the step-axis one in by_step/ that
+        `evaluator` writes to). purge_step hides points that a killed attempt logged after the
+        checkpoint it resumes from: by epoch here, by step in by_step/."""
+        writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+        if cfg.eval_every_steps and evaluator is not None:
+            evaluator.writer = SummaryWriter(str(Path(run_dir) / "by_step"),
+                                             purge_step=start_step + 1 if start_step else None)
+        board = cls(writer, num_blocks, cfg.log.grad_histograms_every)
+        board.step_writer = evaluator.writer if evaluator is not None else None
+        board.start(cfg)
+        return board
+
+    def close(self, results: dict) -> None:
+        self.end(results)
+        self.writer.close()
+        if self.step_writer is not None:
+            self.step_writer.close()
+
     def __init__(self, writer: SummaryWriter, num_blocks: int, grad_histograms_every: int = 0):
         self.writer = writer
+        self.step_writer: SummaryWriter | None = None  # by_step/, with eval_every_steps
         self.num_blocks = num_blocks
         self.grad_histograms_every = grad_histograms_every
         self.described: set[str] = set()
@@ -185,7 +212,7 @@ class RunBoard:
     def end(self, results: dict) -> None:
         """The headline metrics as scalars for the HParams table, and the session's end."""
         step = results["epochs"]
-        self.writer.add_scalar(TEST_AT_BEST_VAL_TAG, results["test_error_at_best_val_pct"], step)
+        self.writer.add_scalar(TEST_AT_BEST_VAL_TAG, results[HEADLINE], step)
         self.writer.add_scalar(TRAIN_TIME_TAG, results["train_time_s"], step)
         end_info = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
             status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time()))
@@ -193,3 +220,20 @@ class RunBoard:
             tag=hp_metadata.SESSION_END_INFO_TAG, metadata=hp_metadata.create_summary_metadata(end_info),
             tensor=hp_metadata.NULL_TENSOR)]), step)
         self.writer.flush()
+
+
+def log_epoch(writer: SummaryWriter, record: dict, expected_depth: float) -> None:
+    """One point per epoch for each scalar; the x-axis is the 1-based epoch."""
+    e = record["epoch"]
+    scalars = {"loss/train": record["train_loss"], "error/train": record["train_error_pct"],
+               "error/val": record["val_error_pct"], "error/test": record["test_error_pct"],
+               "error/val_top5": record.get("val_top5_error_pct"),
+               "error/test_top5": record.get("test_top5_error_pct"),
+               "lr": record["lr"], "time/epoch_train_s": record["epoch_train_time_s"],
+               "throughput/train_images_per_s": record["images_per_s"],
+               "depth/active_blocks_mean": record["active_blocks_mean"],
+               "depth/active_blocks_expected": expected_depth}
+    for tag, value in scalars.items():
+        if value is not None:
+            writer.add_scalar(tag, value, e)
+    writer.flush()

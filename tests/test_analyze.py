@@ -12,8 +12,9 @@ import torch
 from matplotlib.image import imread
 
 from sdrun import cli
-from sdrun.analyze import Evaluator, analyze_run, doubling, load_run, monte_carlo_ensemble, own_bn_statistics
-from sdrun.io import load_checkpoint, save_checkpoint
+from sdrun.analyze import (SubnetworkEvaluator, analyze_run, doubling, load_trained_run, monte_carlo_ensemble,
+                           own_bn_statistics)
+from sdrun.files import load_checkpoint, save_checkpoint
 from sdrun.stochastic import GateSampler
 from tests.conftest import TINY, run_sdrun, write_cifar_pickles
 
@@ -32,7 +33,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sd(runs):
-    return load_run(runs / "sd")
+    return load_trained_run(runs / "sd")
 
 
 def by_hand(model, x, scales):
@@ -45,7 +46,7 @@ def by_hand(model, x, scales):
 
 @torch.inference_mode()
 def test_every_gate_open_is_the_unscaled_network(sd):
-    ev = Evaluator(sd.model, sd.test, sd.normalizer, batch_size=len(sd.test))
+    ev = SubnetworkEvaluator(sd.model, sd.test, sd.normalizer, batch_size=len(sd.test))
     (x,) = ev.batches
     L = len(sd.model.blocks)
     unscaled = by_hand(sd.model, x, [1.0] * L)
@@ -55,7 +56,7 @@ def test_every_gate_open_is_the_unscaled_network(sd):
 
 @torch.inference_mode()
 def test_test_rule_is_shortcut_plus_p_times_branch(sd):
-    ev = Evaluator(sd.model, sd.test, sd.normalizer, batch_size=len(sd.test))
+    ev = SubnetworkEvaluator(sd.model, sd.test, sd.normalizer, batch_size=len(sd.test))
     (x,) = ev.batches
     probs = sd.model.survival_probs
     assert probs == pytest.approx([1 - l / 6 * 0.5 for l in range(1, 7)])
@@ -64,10 +65,10 @@ def test_test_rule_is_shortcut_plus_p_times_branch(sd):
 
 @torch.inference_mode()
 def test_lesion_is_a_forward_with_that_gate_closed(sd):
-    ev = Evaluator(sd.model, sd.test, sd.normalizer, batch_size=100)  # 4 batches, the last one short
+    ev = SubnetworkEvaluator(sd.model, sd.test, sd.normalizer, batch_size=100)  # 4 batches, the last one short
     L = len(sd.model.blocks)
     lesions = ev.lesion_logits(range(L))
-    (x,) = Evaluator(sd.model, sd.test, sd.normalizer, batch_size=len(sd.test)).batches
+    (x,) = SubnetworkEvaluator(sd.model, sd.test, sd.normalizer, batch_size=len(sd.test)).batches
     for b in range(L):
         gates = [None] * L
         gates[b] = False
@@ -80,7 +81,7 @@ def test_lesion_is_a_forward_with_that_gate_closed(sd):
 
 @torch.inference_mode()
 def test_monte_carlo_ensemble_averages_softmax_of_sampled_subnetworks(sd):
-    ev = Evaluator(sd.model, sd.test, sd.normalizer, batch_size=500)
+    ev = SubnetworkEvaluator(sd.model, sd.test, sd.normalizer, batch_size=500)
     out = monte_carlo_ensemble(ev, sd.model.survival_probs, k_max=5, seed=123)
     assert [p["k"] for p in out["ensemble"]] == [1, 2, 4, 5] == doubling(5)
     sampler = GateSampler(sd.model.survival_probs, 123)
@@ -96,7 +97,7 @@ def test_monte_carlo_ensemble_averages_softmax_of_sampled_subnetworks(sd):
 def test_own_bn_statistics_are_the_subnetworks_and_are_restored(sd):
     model = sd.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ev = Evaluator(model, sd.train, sd.normalizer, batch_size=64)
+    ev = SubnetworkEvaluator(model, sd.train, sd.normalizer, batch_size=64)
     batches = ev.batches[:3]  # equal sizes: the average of batch means is the mean over all images
     gates = [True, False, True, True, False, True]
     with own_bn_statistics(model, batches, gates):
@@ -115,7 +116,7 @@ def test_own_bn_statistics_are_the_subnetworks_and_are_restored(sd):
 
 
 def test_constant_depth_has_one_subnetwork(runs):
-    r = analyze_run(load_run(runs / "const"), k_max=4, lesion=[], removal_draws=0)
+    r = analyze_run(load_trained_run(runs / "const"), k_max=4, lesion=[], removal_draws=0)
     assert r["all_open_error_pct"] == r["test_rule_error_pct"]
     assert {p["error_pct"] for p in r["ensemble"]} == {r["test_rule_error_pct"]}
     assert r["subnetworks"]["error_pct_std"] == 0.0 and r["subnetworks"]["active_blocks_mean"] == 6

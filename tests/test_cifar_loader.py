@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from sdrun.cifar_loader import DataLoaderBatches, make_train_batches
+from sdrun.batches import DataLoaderBatches, make_train_batches
 from sdrun.data import Normalizer, Split, TrainBatches, translate_and_flip
 from tests.conftest import TINY, run_sdrun
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdrun.io import OutputError, atomic_write, load_checkpoint
+from sdrun.files import OutputError, atomic_write, load_checkpoint
 from tests.conftest import SDRUN, read_jsonl, run_sdrun
 
 RUN = ["dataset=digits", "depth=8", "epochs=4", "max_steps_per_epoch=4", "batch_size=32",
@@ -28,7 +28,7 @@ WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_
 # complete but before it replaces the old checkpoint (mode "during").
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import sdrun.io as io
+    import sdrun.files as io
     n_target, mode = int(sys.argv[1]), sys.argv[2]
     real_atomic_write, count = io.atomic_write, [0]
 

@@ -1,4 +1,8 @@
-"""The classic DataLoader path for small-image datasets, and the choice between the two paths.
+"""A run's data as the trainer uses it (`build_run_data`), and the DataLoader path.
+
+`build_run_data` reads the dataset, fits the normaliser, and makes the training batch
+source and the evaluation passes, for every dataset (ImageNet through sdrun.imagenet).
+For the small-image datasets (CIFAR, SVHN, digits) there are two training paths:
 
 `dataset.loader=device` (default): `sdrun.data.TrainBatches`, the whole uint8 split on the
 training device, batches normalised, translated and flipped there with batched tensor ops.
@@ -23,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from sdrun.data import Normalizer, Split, TrainBatches
+from sdrun import distributed
+from sdrun.data import Normalizer, RunData, Split, TrainBatches, eval_batches, load_image_data, steps_per_epoch
 from sdrun.rng import cpu_generator
 
 
@@ -96,8 +101,10 @@ class DataLoaderBatches:
                                  pin_memory=self.device.type == "cuda", drop_last=False)
 
     def __len__(self) -> int:
-        steps = len(self.loader)  # the last, smaller batch is kept, as on the device path
-        return steps if self.max_steps is None else min(steps, self.max_steps)
+        return steps_per_epoch(len(self.loader.sampler), self.batch_size, max_steps=self.max_steps)
+
+    def global_batch_size(self, step: int) -> int:  # one process only: the global batch is the batch
+        return min(self.batch_size, len(self.loader.sampler) - (step - 1) * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = iter(self.loader)
@@ -132,3 +139,29 @@ def make_train_batches(cfg, split: Split, normalizer: Normalizer, device: torch.
     if str(ds.loader) == "dataloader":
         return DataLoaderBatches(split, normalizer, device=device, num_workers=cfg.num_workers, **common)
     return TrainBatches(split.to(device), normalizer.to(device), **common, rank=rank, world_size=world_size)
+
+
+def build_run_data(cfg, device: torch.device, channels_last: bool,
+                   ctx: distributed.Context = distributed.SINGLE) -> RunData:
+    """The data of a run: uint8 on the device, normalised and augmented per batch there (or,
+    with dataset.loader=dataloader, a DataLoader with torchvision transforms); ImageNet is
+    decoded from JPEGs per batch by DataLoader workers instead (sdrun.imagenet).
+
+    Distributed (ctx): every rank makes the same global batches and keeps its slice; the
+    evaluation splits are sharded (each rank counts its part; the counts are summed)."""
+    if cfg.dataset.name == "imagenet":
+        from sdrun.imagenet import load_imagenet
+        return load_imagenet(cfg, device, channels_last, ctx)
+    data = load_image_data(cfg.dataset, cfg.seed)
+    normalizer = Normalizer.fit(data.train.images)
+    train_batches = make_train_batches(cfg, data.train, normalizer, device, channels_last, ctx.rank, ctx.world_size)
+    normalizer = normalizer.to(device)
+
+    def passes(split: Split | None):  # a fresh pass over an evaluation split on each call
+        if split is None:
+            return None
+        part = split.part(distributed.shard(len(split), ctx)).to(device)
+        return lambda: eval_batches(part, normalizer, cfg.eval_batch_size, channels_last)
+
+    return RunData(data.train, data.val, data.test, data.classes, normalizer, train_batches,
+                   {"val": passes(data.val), "test": passes(data.test)})

@@ -15,11 +15,13 @@ from typing import Any, Callable, IO
 
 import torch
 
+from sdrun.errors import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class OutputError(OSError):
+class OutputError(UserError, OSError):
     """An output could not be written (full disk, permissions); the previous version is intact."""
 
 

@@ -1,0 +1,43 @@
+"""`results.json`: a finished run's headline numbers, and the one place that defines its keys.
+
+Written once, atomically, when a run ends (sdrun.train); read by `sdrun table`, `sdrun plot`
+(sdrun.collect) and the run-directory checks (sdrun.runs). Errors are in percent, times in
+seconds. Imports nothing heavy, so readers on a login node stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = "results.json"
+FINISHED = "finished"
+
+# The paper's protocol: the test error at the evaluation with the lowest validation error.
+HEADLINE = "test_error_at_best_val_pct"
+
+# Keys every finished run's results.json holds (the tables and figures read these).
+KEYS = (
+    "status",                       # "finished"
+    "dataset", "depth", "num_blocks", "pL", "survival", "seed", "epochs",
+    HEADLINE,
+    "best_val_error_pct",
+    "best_val_epoch", "best_val_step",  # fractional epoch when a step evaluation was selected
+    "selection",                    # "best_val", or "last_epoch" without a validation set
+    "final_test_error_pct",
+    "train_time_s", "train_time_per_epoch_s", "wall_time_s",
+    "expected_active_blocks", "measured_active_blocks",
+    "device", "bf16", "channels_last", "world_size", "cpu_threads",
+    "config",                       # the full resolved config (plain data)
+    "versions",                     # software versions
+)
+# Only with dataset.top5 (ImageNet).
+TOP5_KEYS = ("test_top5_error_at_best_val_pct", "final_test_top5_error_pct")
+
+
+def read_status(run_dir: Path) -> str | None:
+    """results.json's status ("finished"), or None where there is no readable results.json."""
+    try:
+        return json.loads((Path(run_dir) / RESULTS).read_text()).get("status")
+    except (FileNotFoundError, json.JSONDecodeError, OSError, AttributeError):
+        return None
