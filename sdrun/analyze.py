@@ -89,7 +89,7 @@ def load_trained_run(run_dir: str | Path, checkpoint: str | Path | None = None, 
         # Its test split is decoded from JPEGs per batch and normalised per channel; the
         # analysis holds the whole split normalised on the device, which ImageNet's 50k
         # 224x224 images would not fit, and would take hours of passes on the ResNet-152.
-        raise AnalyzeError(f"{run_dir} is a {cfg.dataset.name} run; sdrun analyze works on runs of the "
+        raise AnalyzeError(f"{run_dir} holds a run on {cfg.dataset.name}; sdrun analyze works on runs of the "
                            f"32x32 datasets ({', '.join(SMALL_IMAGE_DATASETS)})")
     if data_root is not None:
         cfg.dataset.root = data_root

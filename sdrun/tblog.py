@@ -40,7 +40,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from sdrun.gradstats import GradStats
 from sdrun.results import HEADLINE
-from sdrun.stochastic import SURVIVAL_RULES
+from sdrun.config import Survival
 
 FIRST_BLOCK_TAG = "grad/first_block"
 MODEL_NORM_TAG = "grad/model_norm"
@@ -100,7 +100,7 @@ def hparams_config(names: list[str]) -> list[hp.HParam]:
     """HParam declarations. Every run of a sweep must write the same ones (the dashboard reads
     one run's), so domains are only given where they are fixed whatever the run: pL in
     [0, 1], the survival rules, the dataset group's options."""
-    domains = {"pL": hp.RealInterval(0.0, 1.0), "survival": hp.Discrete(list(SURVIVAL_RULES)),
+    domains = {"pL": hp.RealInterval(0.0, 1.0), "survival": hp.Discrete([s.value for s in Survival]),
                "dataset": hp.Discrete(dataset_names())}
     return [hp.HParam(name, domains.get(name, AnyNumber())) for name in names]
 

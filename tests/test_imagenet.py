@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from sdrun.data import DataError
 from sdrun.imagenet import load_imagenet
+from sdrun import analyze
 from sdrun.models import ImageNetResNet, build_model
 from sdrun.stochastic import survival_probs
 from tests.conftest import read_jsonl, run_sdrun, write_imagenet_folder
@@ -147,11 +148,11 @@ def test_recipe_and_120_epoch_variant(tmp_path):
     assert r.returncode == 2 and "not an ImageNet ResNet depth" in r.stderr
 
 
-def test_tiny_run_through_the_console_script(tmp_path):
+def test_tiny_run_through_the_console_script(tmp_path, capsys):
     write_imagenet_folder(tmp_path / "imagenet", per_class=(5, 2))
     r = run_sdrun("train", "dataset=imagenet", "dataset.root=imagenet", "dataset.num_classes=3",
                   "dataset.image_size=32", "dataset.resize_size=36", "dataset.val_size=3", "depth=18",
-                  "epochs=2", "batch_size=4", "eval_batch_size=4", "num_workers=1", "checkpoint=false",
+                  "epochs=2", "batch_size=4", "eval_batch_size=4", "num_workers=1", "checkpoint=true",
                   "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
@@ -170,6 +171,12 @@ def test_tiny_run_through_the_console_script(tmp_path):
     acc.Reload()
     for tag in ("error/test", "error/test_top5", "error/val_top5", "depth/active_blocks_mean"):
         assert [s.step for s in acc.Scalars(tag)] == [1, 2], tag
+    # sdrun analyze refuses an ImageNet run with the reason, on one line, exit 2 (in-process).
+    assert analyze.main([str(run), "--out", str(tmp_path / "analysis")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdrun analyze: error: ") and "\n" not in err
+    assert "holds a run on imagenet; sdrun analyze works on runs of the 32x32 datasets" in err
+    assert not (tmp_path / "analysis").exists()
 
 
 def test_global_batches_are_split_across_ranks_without_overlap():
