@@ -28,16 +28,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from sdrun import distributed
+from sdrun import distributed, fidelity
 from sdrun.cifar_loader import make_train_batches
 from sdrun.config import ConfigError, Toggle, device_problem, to_plain, validate
-from sdrun.data import Normalizer, eval_batches, load_image_data
+from sdrun.data import eval_batches, fit_normalizer, load_image_data
 from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
 from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
+from sdrun.schedule import lr_at
 from sdrun.speed import compile_branches
 from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard
@@ -74,17 +75,6 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     return Runtime(device, bf16 and on_cuda, channels_last)
-
-
-def lr_at(epoch: int, optim: DictConfig) -> float:
-    """Step schedule: lr x gamma^(number of milestones <= epoch); warm-up lr before warmup_epochs.
-
-    `epoch` counts from 0, so milestones [250, 375] give lr 0.1 for epochs 0..249 (the
-    paper's first 250 epochs), 0.01 for 250..374, 0.001 after.
-    """
-    if epoch < optim.warmup_epochs:
-        return optim.warmup_lr
-    return optim.lr * optim.gamma ** sum(epoch >= m for m in optim.milestones)
 
 
 def make_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.SGD:
@@ -212,7 +202,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         normalizer, batches, eval_sets = data.normalizer, data.train_batches, data.eval_sets
     else:
         data = load_image_data(cfg.dataset, cfg.seed)
-        normalizer = Normalizer.fit(data.train.images)
+        normalizer = fit_normalizer(data.train.images, cfg.dataset)  # std_rule, normalization; logged
         batches = make_train_batches(cfg, data.train, normalizer, rt.device, rt.channels_last,
                                      ctx.rank, ctx.world_size)
         normalizer = normalizer.to(rt.device)
@@ -227,7 +217,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
 
     # ---- model, optimiser, gates
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
-                        cfg.survival.value, cfg.model.scaling.value, cfg.model.shortcut_pool)
+                        cfg.survival.value, cfg.model.scaling.value, cfg.model.shortcut_pool,
+                        **fidelity.init_options(cfg.model))
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     if cfg.compile:
         compile_branches(model)
@@ -240,7 +231,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     sync = (lambda: torch.cuda.synchronize(rt.device)) if rt.device.type == "cuda" else (lambda: None)
     evaluator = Evaluator(lambda name: evaluate(model, eval_sets[name](), rt, ctx), eval_sets["val"] is not None,
-                          cfg.eval_every_steps, cfg.dataset.top5, run_dir, sync, write=ctx.is_main)
+                          cfg.eval_every_steps, cfg.dataset.top5, run_dir, sync, write=ctx.is_main,
+                          select_from=cfg.select_from)
     if resume_state is not None:
         # Continue exactly where the last completed epoch left off: every piece of state that
         # the next step depends on comes back, so the numbers match an uninterrupted run.
@@ -414,6 +406,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
+        "fidelity": fidelity.summary(cfg),  # which preset the paper-vs-reference choices match
         "config": to_plain(cfg), "versions": software_versions(),
     }
     if ctx.is_main:
