@@ -29,10 +29,13 @@ def lr_at(epoch: int, optim: Any) -> float:
     return optim.lr * optim.gamma ** sum(number >= m for m in optim.milestones)
 
 
-def epochs_per_lr(epochs: int, optim: Any) -> dict[float, int]:
-    """How many epochs run at each lr value (in order of first use): what the tests pin and the README quotes."""
-    counts: dict[float, int] = {}
+def epochs_per_lr(epochs: int, optim: Any) -> list[tuple[float, int]]:
+    """The schedule as consecutive (lr, number of epochs) segments: what the tests pin and the README quotes."""
+    segments: list[tuple[float, int]] = []
     for e in range(epochs):
         lr = round(lr_at(e, optim), 12)
-        counts[lr] = counts.get(lr, 0) + 1
-    return counts
+        if segments and segments[-1][0] == lr:
+            segments[-1] = (lr, segments[-1][1] + 1)
+        else:
+            segments.append((lr, 1))
+    return segments
