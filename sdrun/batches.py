@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from sdrun import distributed
-from sdrun.data import Normalizer, RunData, Split, TrainBatches, eval_batches, load_image_data, steps_per_epoch
+from sdrun.data import (Normalizer, RunData, Split, TrainBatches, eval_batches, fit_normalizer, load_image_data,
+                        steps_per_epoch)
 from sdrun.rng import cpu_generator
 
 
@@ -153,7 +154,7 @@ def build_run_data(cfg, device: torch.device, channels_last: bool,
         from sdrun.imagenet import load_imagenet
         return load_imagenet(cfg, device, channels_last, ctx)
     data = load_image_data(cfg.dataset, cfg.seed)
-    normalizer = Normalizer.fit(data.train.images)
+    normalizer = fit_normalizer(data.train.images, cfg.dataset)  # std_rule, normalization; logged
     train_batches = make_train_batches(cfg, data.train, normalizer, device, channels_last, ctx.rank, ctx.world_size)
     normalizer = normalizer.to(device)
 

@@ -27,6 +27,7 @@ examples:
   sdrun train dataset=cifar10 pL=0.5       # the paper's CIFAR-10 run (ResNet-110, 500 epochs)
   sdrun train -m dataset=cifar10 pL=0.1,0.2,0.5,1.0
   sdrun train -m experiment=table1_cifar10  # a paper experiment (conf/experiment/)
+  sdrun train dataset=cifar10 fidelity=paper  # the paper's text instead of its reference code (conf/fidelity/)
   sdrun table multirun/ runs/ --out tables/
   sdrun plot multirun/ --out figures/
   sdrun analyze runs/SD_RUN --compare runs/CONSTANT_RUN

@@ -45,6 +45,58 @@ class Toggle(Choice):
     off = "off"
 
 
+# ---- fidelity choices: where the paper's text and the code that produced its Table 1 differ.
+# conf/fidelity/{reference,paper}.yaml set them all at once; README "Fidelity" has the table.
+
+class BnInit(Choice):
+    """BatchNorm scale (gamma) at initialisation; beta is 0 either way."""
+    uniform = "uniform"  # gamma ~ U(0, 1): Torch7 nn.BatchNormalization:reset(), what the reference code ran
+    ones = "ones"        # gamma = 1: fb.resnet.torch and common practice (the paper does not say)
+
+
+class ShortcutPool(Choice):
+    """Downsampling in the parameter-free transition shortcut (sdrun.models.PadShortcut)."""
+    avg = "avg"              # 2x2 average, stride 2 (the paper's text; the reference code after its 2017 fix)
+    subsample = "subsample"  # 1x1 stride-2 pooling = keep every other pixel (the reference code of 2016)
+
+
+class ConvInit(Choice):
+    """He-normal initialisation of the convolutions: std = sqrt(2 / fan)."""
+    fan_in = "fan_in"    # fan = k*k*in_channels (nninit.kaiming, the CIFAR reference)
+    fan_out = "fan_out"  # fan = k*k*out_channels (fb.resnet.torch)
+
+
+class FcBias(Choice):
+    """Initial bias of the final linear layer."""
+    default = "default"  # U(-1/sqrt(fan_in), 1/sqrt(fan_in)): Torch7's and PyTorch's nn.Linear default
+    zero = "zero"        # 0 (fb.resnet.torch zeroes it)
+
+
+class EpochBase(Choice):
+    """How an lr milestone m is read (sdrun.schedule.lr_at)."""
+    zero = "zero"  # the lr drops after m completed epochs (the paper's text: 250 epochs at 0.1 on CIFAR)
+    one = "one"    # epochs are numbered from 1 and the lr drops at the epoch numbered m (the reference's
+                   # `epoch >= 0.5 * max`: 249 epochs at 0.1 on CIFAR, 29 on SVHN)
+
+
+class StdRule(Choice):
+    """Which std the inputs are divided by (sdrun.data.Normalizer.fit)."""
+    raw = "raw"          # unbiased std of the raw pixels around their global mean (the reference's data:std())
+    centred = "centred"  # population std of the pixels after subtracting the mean (sdrun's reading of the text)
+
+
+class Normalization(Choice):
+    """What is subtracted and divided (sdrun.data.Normalizer.fit)."""
+    pixel = "pixel"      # the per-pixel mean image and one global std (the paper, the CIFAR/SVHN reference)
+    channel = "channel"  # a mean and a std per colour channel (fb.resnet.torch's CIFAR code, for ResNet-1202)
+
+
+class SelectFrom(Choice):
+    """With eval_every_steps: which evaluations compete for the best-validation selection."""
+    steps = "steps"                        # the every-N-step evaluations only (the SVHN reference)
+    steps_and_epochs = "steps_and_epochs"  # also every epoch end (sdrun before the fidelity switch)
+
+
 class Loader(Choice):
     """How training batches are made (see sdrun.batches)."""
     device = "device"          # uint8 split on the training device, batched augmentation there
@@ -81,6 +133,12 @@ class DatasetConfig:
     resize_size: int = 256        # imagenet: evaluation resizes the short side to this, then centre-crops image_size
     top5: bool = False            # also log top-5 errors (imagenet)
     loader: Loader = Loader.device  # device | dataloader (num_workers applies to the latter)
+    std_rule: StdRule = StdRule.raw              # raw (reference) | centred (sdrun's reading of the paper)
+    normalization: Normalization = Normalization.pixel  # pixel (paper, reference) | channel (fb.resnet.torch)
+    # imagenet training only, fb.resnet.torch's augmentation (sdrun.imagenet): colour jitter strength for
+    # brightness, contrast and saturation (0 = off) and the PCA lighting noise std (0 = off)
+    color_jitter: float = 0.4
+    lighting: float = 0.1
 
 
 @dataclass
@@ -93,13 +151,17 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_epochs: int = 0        # ResNet-1202: lr = warmup_lr for the first warmup_epochs
     warmup_lr: float = 0.01
+    epoch_base: EpochBase = EpochBase.one  # one (reference: epoch >= m, numbered from 1) | zero (paper text)
 
 
 @dataclass
 class ModelConfig:
     arch: Arch = Arch.cifar_resnet
-    shortcut_pool: str = "avg"    # avg (paper) | subsample (reference code before its 2017 fix)
+    shortcut_pool: ShortcutPool = ShortcutPool.subsample  # subsample (reference, 2016) | avg (paper text)
     scaling: BranchScaling = BranchScaling.paper
+    bn_init: BnInit = BnInit.uniform      # uniform (reference: Torch7's U(0,1) gamma) | ones (fb.resnet.torch)
+    conv_init: ConvInit = ConvInit.fan_in  # fan_in (CIFAR reference) | fan_out (fb.resnet.torch)
+    fc_bias: FcBias = FcBias.default       # default (Linear's own init) | zero (fb.resnet.torch)
 
 
 @dataclass
@@ -131,6 +193,8 @@ class TrainConfig:
     # also evaluate every N training steps (None = at epoch ends only); the best-validation
     # selection then works at that granularity (the paper: every 200 iterations on SVHN)
     eval_every_steps: Optional[int] = None
+    # which evaluations the selection picks from when eval_every_steps is set (sdrun.evaluation)
+    select_from: SelectFrom = SelectFrom.steps
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
     resume: Optional[str] = None  # a run dir or its checkpoint.pt: continue that run in place
@@ -200,8 +264,8 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append(f"dataset.val_size={cfg.dataset.val_size} must be >= 0")
     if cfg.dataset.translate < 0:
         problems.append(f"dataset.translate={cfg.dataset.translate} must be >= 0")
-    if cfg.model.shortcut_pool not in ("avg", "subsample"):
-        problems.append(f"model.shortcut_pool={cfg.model.shortcut_pool!r} must be 'avg' or 'subsample'")
+    if cfg.dataset.color_jitter < 0 or cfg.dataset.lighting < 0:
+        problems.append("dataset.color_jitter and dataset.lighting must be >= 0 (0 = off)")
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
     if problems:

@@ -6,6 +6,14 @@ N-th training step (the paper checks SVHN's validation error every 200 iteration
 error; its test error is the run's headline number. Without a validation set the latest
 evaluation is the selected one.
 
+Which evaluations compete (select_from, with eval_every_steps only): `steps` (the
+reference, main.lua's `accounting` every 200 iterations and never at an epoch end) lets
+only the evaluations at multiples of eval_every_steps global steps be selected; an epoch
+end still evaluates for the per-epoch curves but is a candidate only when its step is such
+a multiple (or before the first step evaluation, so that a run shorter than
+eval_every_steps steps still selects something). `steps_and_epochs` makes every epoch end a
+candidate too.
+
 Test errors are always measured at epoch ends (the per-epoch curves). At a step inside an
 epoch the test set is only evaluated when the validation error is a new best: that is the
 only test number the protocol uses, and it spares evaluating SVHN's 26k test images every
@@ -32,7 +40,7 @@ class Evaluator:
 
     def __init__(self, error_of: Callable[[str], tuple[float, float]], has_val: bool,
                  every_steps: int | None, top5: bool, run_dir: Path, sync: Callable[[], None],
-                 write: bool = True):
+                 write: bool = True, select_from: str = "steps_and_epochs"):
         self.error_of = error_of  # "val" | "test" -> (top-1 error %, top-5 error %)
         self.has_val, self.every_steps, self.top5 = has_val, every_steps, top5
         self.path = Path(run_dir) / "evals.jsonl"
@@ -41,6 +49,15 @@ class Evaluator:
         self.best = {"val_error_pct": math.inf if has_val else None, "epoch": None, "step": None,
                      "test_error_pct": None, "test_top5_error_pct": None}
         self.seconds = 0.0  # wall time spent evaluating, so the caller can leave it out of training time
+        self.epochs_compete = str(select_from) == "steps_and_epochs"
+
+    def is_candidate(self, step: int, epoch_end: bool) -> bool:
+        """May the evaluation at global `step` be selected (see the module's docstring)?"""
+        if self.every_steps is None or not epoch_end or self.epochs_compete:
+            return True
+        # Before global step eval_every_steps no step evaluation has run yet (stateless, so a
+        # resumed run decides the same way).
+        return step % self.every_steps == 0 or step < self.every_steps
 
     def due_inside_epoch(self, step_in_epoch: int, steps_in_epoch: int, step: int) -> bool:
         """A step evaluation is due (the epoch's last step is left to the epoch-end evaluation)."""
@@ -52,7 +69,7 @@ class Evaluator:
         self.sync()
         t0 = time.perf_counter()
         val = self.error_of("val") if self.has_val else (None, None)
-        new_best = val[0] is None or val[0] < self.best["val_error_pct"]
+        new_best = val[0] is None or (val[0] < self.best["val_error_pct"] and self.is_candidate(step, epoch_end))
         test = self.error_of("test") if new_best or epoch_end else (None, None)
         if new_best:
             self.best = {"val_error_pct": val[0], "epoch": epoch, "step": step,

@@ -4,8 +4,10 @@ The layout is the one the usual preparation scripts leave: `root/train/<wnid>/*.
 `root/val/<wnid>/*.JPEG`. Workers decode and crop JPEGs to uint8 tensors (pinned memory on
 CUDA); the batch is normalised on the device, where it is 4x smaller to copy as uint8.
 
-- Training: RandomResizedCrop(image_size) (area 8-100 %, aspect 3/4-4/3) + horizontal flip,
-  as fb.resnet.torch (the paper's ImageNet code) minus its colour jitter and PCA lighting.
+- Training: RandomResizedCrop(image_size) (area 8-100 %, aspect 3/4-4/3) + horizontal flip
+  in the workers, then on the device fb.resnet.torch's (the paper's ImageNet code) colour
+  jitter (brightness, contrast, saturation, dataset.color_jitter = 0.4, in random order) and
+  AlexNet-style PCA lighting noise (dataset.lighting = 0.1), before normalisation.
 - Evaluation: resize the short side to resize_size, centre crop image_size (256 / 224).
 - Selection: with dataset.val_size = 0 (the default) the `val/` folder is the evaluation set
   and there is no selection (the paper reports validation error at the end of training);
@@ -32,6 +34,81 @@ from sdrun.rng import cpu_generator
 # The ImageNet channel statistics in 0..255 units (fb.resnet.torch and torchvision use the same).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+# fb.resnet.torch datasets/imagenet.lua: the eigenvalues and eigenvectors (columns) of the
+# covariance of ImageNet's RGB pixels in [0, 1] units, published data of that project
+# ("computed from random subset of ImageNet training images"), used by its Lighting transform.
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # fb.resnet.torch's grayscale(): ITU-R 601 luma of R, G, B
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 1, H, W) luma."""
+    w = torch.tensor(GREY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def color_jitter(x: torch.Tensor, order: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """fb.resnet.torch's ColorJitter, batched, with its random draws given.
+
+    x: float (N, 3, H, W) in any units (every step is linear in x); order: (N, 3) long, the
+    operations (0 brightness, 1 contrast, 2 saturation) in the order each image gets them
+    (its RandomOrder); alphas: (N, 3), the factor 1 + U(-v, v) of each operation. Each one
+    blends x with a target: x * a + target * (1 - a), the target being 0 (brightness), the
+    mean of the image's grey (contrast) or its grey image (saturation). No clamping, as there.
+    """
+    for r in range(order.shape[1]):
+        op = order[:, r].to(x.device)
+        a = alphas.to(x.device, x.dtype).gather(1, op[:, None]).view(-1, 1, 1, 1)
+        g = grey(x)
+        is_c = (op == CONTRAST).to(x.dtype).view(-1, 1, 1, 1)
+        is_s = (op == SATURATION).to(x.dtype).view(-1, 1, 1, 1)
+        target = is_c * g.mean((2, 3), keepdim=True) + is_s * g  # brightness: 0
+        x = x * a + target * (1 - a)
+    return x
+
+
+def lighting(x: torch.Tensor, alpha: torch.Tensor, unit: float = 255.0) -> torch.Tensor:
+    """fb.resnet.torch's Lighting with its draws given: add to channel i of image n
+    sum_j eigvec[i][j] * alpha[n][j] * eigval[j] (in [0, 1] units; x is in `unit` units)."""
+    vec = torch.tensor(PCA_EIGVEC, dtype=x.dtype, device=x.device)
+    val = torch.tensor(PCA_EIGVAL, dtype=x.dtype, device=x.device)
+    rgb = (vec[None] * alpha.to(x.device, x.dtype)[:, None, :] * val).sum(-1)  # (N, 3)
+    return x + unit * rgb.view(-1, 3, 1, 1)
+
+
+class ColorAugment:
+    """Colour jitter then lighting on a device batch of uint8 crops (fb.resnet.torch's order:
+    RandomSizedCrop, ColorJitter, Lighting, ColorNormalize, HorizontalFlip; the flip commutes
+    with the colour steps, so doing it in the workers first changes nothing).
+
+    The draws come from one CPU generator (the run's "color" stream) for the whole global
+    batch, and each rank keeps its part, so every image gets its own draws whatever the
+    number of processes; its state is checkpointed with the data order."""
+
+    def __init__(self, jitter: float, light: float, generator: torch.Generator):
+        self.jitter, self.light, self.generator = float(jitter), float(light), generator
+
+    def draw(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = self.generator
+        order = torch.rand(n, 3, generator=g).argsort(1)  # a uniformly random permutation per image
+        alphas = 1.0 + (torch.rand(n, 3, generator=g) * 2 - 1) * self.jitter
+        alpha = torch.randn(n, 3, generator=g) * self.light
+        return order, alphas, alpha
+
+    def __call__(self, x_u8: torch.Tensor, draws: tuple) -> torch.Tensor:
+        order, alphas, alpha = draws
+        x = x_u8.float()
+        if self.jitter:
+            x = color_jitter(x, order, alphas)
+        if self.light:
+            x = lighting(x, alpha)
+        return x
 
 
 class ChannelNormalizer:
@@ -89,9 +166,10 @@ class LoaderBatches:
     """Batches of a DataLoader moved to the device and normalised there; the TrainBatches interface."""
 
     def __init__(self, loader: DataLoader, normalizer: ChannelNormalizer, device: torch.device,
-                 max_steps: int | None = None, channels_last: bool = False):
+                 max_steps: int | None = None, channels_last: bool = False,
+                 augment: ColorAugment | None = None):
         self.loader, self.normalizer, self.device = loader, normalizer, device
-        self.max_steps, self.channels_last = max_steps, channels_last
+        self.max_steps, self.channels_last, self.augment = max_steps, channels_last, augment
 
     def __len__(self) -> int:
         return len(self.loader) if self.max_steps is None else min(len(self.loader), self.max_steps)
@@ -109,7 +187,13 @@ class LoaderBatches:
             for step, (x, y) in enumerate(self.loader):
                 if step == len(self):
                     break
-                x = self.normalizer(x.to(self.device, non_blocking=True))
+                x = x.to(self.device, non_blocking=True)
+                if self.augment is not None:  # draws for the whole global batch; this rank keeps its part
+                    sampler = self.loader.batch_sampler
+                    draws = self.augment.draw(sampler.global_batch_size(step + 1))
+                    part = shard(len(draws[0]), sampler.ctx)
+                    x = self.augment(x, tuple(d[part] for d in draws))
+                x = self.normalizer(x)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 yield x, y.to(self.device, non_blocking=True)
@@ -120,11 +204,16 @@ class LoaderBatches:
     # The shuffle order and the workers' seeds of an epoch are drawn from this generator when
     # the epoch's iterator starts, so its state at an epoch boundary restores the epoch.
     def state_dict(self) -> dict:
-        return {"generator": self.loader.generator.get_state()} if self.loader.generator is not None else {}
+        state = {"generator": self.loader.generator.get_state()} if self.loader.generator is not None else {}
+        if self.augment is not None:
+            state["color"] = self.augment.generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "generator" in state:
             self.loader.generator.set_state(state["generator"])
+        if "color" in state and self.augment is not None:
+            self.augment.generator.set_state(state["color"])
 
 
 def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: Context = SINGLE) -> RunData:
@@ -172,7 +261,9 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: C
     loader = DataLoader(train, batch_sampler=GlobalBatchSampler(len(train), cfg.batch_size, generator, ctx),
                         generator=generator, **workers)
     normalizer = ChannelNormalizer(device=device)
-    train_batches = LoaderBatches(loader, normalizer, device, cfg.max_steps_per_epoch, channels_last)
+    augment = (ColorAugment(ds_cfg.color_jitter, ds_cfg.lighting, cpu_generator(cfg.seed, "color"))
+               if ds_cfg.color_jitter or ds_cfg.lighting else None)
+    train_batches = LoaderBatches(loader, normalizer, device, cfg.max_steps_per_epoch, channels_last, augment)
 
     def eval_set(ds: Dataset | None):
         if ds is None:

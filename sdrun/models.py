@@ -83,7 +83,8 @@ class CifarResNet(StochasticResNet):
     """The 6n+2-layer ResNet of He et al. for 32x32 inputs (CIFAR, SVHN), with L = 3n blocks."""
 
     def __init__(self, depth: int, num_classes: int, p_last: float = 0.5, rule: str = "linear",
-                 scaling: str = "paper", shortcut_pool: str = "avg", in_channels: int = 3):
+                 scaling: str = "paper", shortcut_pool: str = "avg", in_channels: int = 3,
+                 bn_init: str = "ones", conv_init: str = "fan_in", fc_bias: str = "default"):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, 1202, ...), got {depth}")
@@ -102,7 +103,7 @@ class CifarResNet(StochasticResNet):
                 cin = width
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(64, num_classes)
-        init_weights(self)
+        init_weights(self, mode=conv_init, bn_init=bn_init, fc_bias=fc_bias)
 
 
 # ---------------------------------------------------------------- ImageNet ResNets
@@ -140,7 +141,8 @@ class ImageNetResNet(StochasticResNet):
     """
 
     def __init__(self, depth: int, num_classes: int = 1000, p_last: float = 0.5, rule: str = "linear",
-                 scaling: str = "paper", in_channels: int = 3):
+                 scaling: str = "paper", in_channels: int = 3, bn_init: str = "ones",
+                 conv_init: str = "fan_out", fc_bias: str = "zero"):
         super().__init__()
         if depth not in IMAGENET_LAYOUTS:
             raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_LAYOUTS)}, got {depth}")
@@ -165,16 +167,31 @@ class ImageNetResNet(StochasticResNet):
                 cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(cin, num_classes)
-        init_weights(self, mode="fan_out")  # fb.resnet.torch: N(0, sqrt(2 / (k*k*out_channels)))
+        # fb.resnet.torch (the defaults): N(0, sqrt(2 / (k*k*out_channels))), gamma = 1, fc bias 0
+        init_weights(self, mode=conv_init, bn_init=bn_init, fc_bias=fc_bias)
 
 
-def init_weights(model: nn.Module, mode: str = "fan_in") -> None:
-    """He normal (ReLU gain; fan-in by default) for convolutions, BN to identity; Linear keeps PyTorch's default."""
+def init_weights(model: nn.Module, mode: str = "fan_in", bn_init: str = "ones", fc_bias: str = "default") -> None:
+    """He normal (ReLU gain) for convolutions; BN beta = 0 and gamma per `bn_init`; Linear weights keep
+    PyTorch's default (U(+-1/sqrt(fan_in)), the same law as Torch7's nn.Linear:reset()).
+
+    bn_init="uniform": gamma ~ U(0, 1), what Torch7's nn.BatchNormalization:reset() draws and so what
+    the reference's plain cudnn.SpatialBatchNormalization layers started from; "ones": gamma = 1
+    (fb.resnet.torch's BNInit). fc_bias="zero": the classifier's bias starts at 0 (fb.resnet.torch).
+    Draws come from torch's global generator, seeded with the run's seed before the model is built.
+    """
+    if bn_init not in ("uniform", "ones"):
+        raise ValueError(f"unknown bn_init {bn_init!r}; expected 'uniform' or 'ones'")
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=str(mode), nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
+            if bn_init == "uniform":
+                nn.init.uniform_(m.weight, 0.0, 1.0)
+            else:
+                nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and fc_bias == "zero":
             nn.init.zeros_(m.bias)
 
 
@@ -184,15 +201,18 @@ def first_conv(block: StochasticResidual) -> nn.Conv2d:
 
 
 def build_model(arch: str, depth: int, num_classes: int, p_last: float, rule: str,
-                scaling: str = "paper", shortcut_pool: str = "avg") -> StochasticResNet:
+                scaling: str = "paper", shortcut_pool: str = "avg", **init) -> StochasticResNet:
+    """`init`: bn_init, conv_init, fc_bias (sdrun.config.ModelConfig; each model has its own defaults)."""
+    init = {k: str(v) for k, v in init.items()}
     if arch == "cifar_resnet":
-        return CifarResNet(depth, num_classes, p_last, rule, scaling, shortcut_pool)
+        return CifarResNet(depth, num_classes, p_last, rule, scaling, str(shortcut_pool), **init)
     if arch == "imagenet_resnet":
-        return ImageNetResNet(depth, num_classes, p_last, rule, scaling)
+        return ImageNetResNet(depth, num_classes, p_last, rule, scaling, **init)
     raise ValueError(f"unknown architecture {arch!r}")
 
 
 def model_for(cfg) -> StochasticResNet:
     """The model a run's config describes (cfg: the whole train config, resolved or plain)."""
     return build_model(str(cfg.model.arch), cfg.depth, cfg.dataset.num_classes, cfg.pL, str(cfg.survival),
-                       str(cfg.model.scaling), str(cfg.model.shortcut_pool))
+                       str(cfg.model.scaling), str(cfg.model.shortcut_pool),
+                       **{k: cfg.model[k] for k in ("bn_init", "conv_init", "fc_bias") if k in cfg.model})

@@ -12,7 +12,7 @@ import random
 import numpy as np
 import torch
 
-_STREAMS = {"init": 0, "gates": 1, "data": 2, "split": 3, "analyze": 4, "augment": 5}
+_STREAMS = {"init": 0, "gates": 1, "data": 2, "split": 3, "analyze": 4, "augment": 5, "color": 6}
 
 
 def derive_seed(seed: int, stream: str) -> int:

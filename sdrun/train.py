@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from sdrun import distributed
+from sdrun import distributed, fidelity
 from sdrun.batches import build_run_data
 from sdrun.config import ConfigError, to_plain, validate
 from sdrun.errors import UserError
@@ -187,7 +187,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                        derive_seed(cfg.seed, "gates")), data.train_batches, data.normalizer)
     evaluator = Evaluator(lambda name: evaluate(model, data.eval_sets[name](), rt, ctx),
                           data.eval_sets["val"] is not None, cfg.eval_every_steps, cfg.dataset.top5, run_dir,
-                          lambda: synchronize(rt.device), write=ctx.is_main)
+                          lambda: synchronize(rt.device), write=ctx.is_main, select_from=cfg.select_from)
     metrics_path = run_dir / "metrics.jsonl"
     if saved is not None:  # every piece of state the next step depends on comes back
         state.restore(saved)
@@ -349,6 +349,7 @@ def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Ru
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
         "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
+        "fidelity": fidelity.summary(cfg),  # which preset the paper-vs-reference choices match
         "config": to_plain(cfg), "versions": software_versions(),
     }
 

@@ -18,8 +18,11 @@ from sdrun.files import load_checkpoint, save_checkpoint
 from sdrun.stochastic import GateSampler
 from tests.conftest import TINY, run_sdrun, write_cifar_pickles
 
-# ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5).
-TRAIN = [*TINY, "depth=14", "checkpoint=true"]
+# ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5). fidelity=paper (gamma = 1):
+# after these few steps the reference's U(0, 1) gammas left a net whose every lesion had the same
+# test error (90.28 %), so the lesion checks could not tell blocks apart; the analysis itself
+# does not depend on the init.
+TRAIN = [*TINY, "depth=14", "checkpoint=true", "fidelity=paper"]
 
 
 @pytest.fixture(scope="module")

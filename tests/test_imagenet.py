@@ -75,7 +75,7 @@ def test_resnet152_forward_backward_and_dropped_blocks_do_no_work():
 def cfg_for(root, **kw):
     base = {"seed": 1, "batch_size": 4, "eval_batch_size": 8, "num_workers": 0, "max_steps_per_epoch": None,
             "dataset": {"root": str(root), "num_classes": 3, "image_size": 32, "resize_size": 36,
-                        "val_size": 0, "flip": True}}
+                        "val_size": 0, "flip": True, "color_jitter": 0.4, "lighting": 0.1}}
     return OmegaConf.merge(base, kw)
 
 
@@ -141,7 +141,7 @@ def test_recipe_and_120_epoch_variant(tmp_path):
     cfg = OmegaConf.create(r.stdout)
     assert (cfg.model.arch, cfg.depth, cfg.batch_size, cfg.optim.lr, cfg.optim.nesterov) == \
         ("imagenet_resnet", 152, 128, 0.1, True)
-    from sdrun.train import lr_at
+    from sdrun.schedule import lr_at
     lrs = [lr_at(e, cfg.optim) for e in (0, 29, 30, 60, 89, 90, 119)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
     r = run_sdrun("train", "dataset=imagenet", "depth=110", cwd=tmp_path)

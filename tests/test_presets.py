@@ -25,20 +25,36 @@ def needs_dataset(name: str):
                               reason=f"conf/dataset/{name}.yaml is not in this branch yet (another issue adds it)")
 
 
+# The reference code's choices (conf/fidelity/reference.yaml): what the Table 1 presets must run.
+REFERENCE = {"model.bn_init": "uniform", "model.shortcut_pool": "subsample", "optim.epoch_base": "one",
+             "dataset.std_rule": "raw", "select_from": "steps"}
+
 # (preset, expected values after composition, expected sweep)
 EXPECTED = [
-    pytest.param("table1_cifar10", {"dataset.name": "cifar10", "depth": 110, "epochs": 500, "survival": "linear"},
+    pytest.param("table1_cifar10", {"dataset.name": "cifar10", "depth": 110, "epochs": 500, "survival": "linear",
+                                    **REFERENCE},
                  {"pL": "1.0,0.5", "seed": "1,2,3"}, id="table1_cifar10"),
-    pytest.param("table1_cifar100", {"dataset.name": "cifar100", "depth": 110, "epochs": 500},
+    pytest.param("table1_cifar100", {"dataset.name": "cifar100", "depth": 110, "epochs": 500, **REFERENCE},
                  {"pL": "1.0,0.5", "seed": "1,2,3"}, id="table1_cifar100"),
-    pytest.param("table1_svhn", {"dataset.name": "svhn", "depth": 152, "epochs": 50, "optim.milestones": [30, 35]},
+    pytest.param("table1_svhn", {"dataset.name": "svhn", "depth": 152, "epochs": 50, "optim.milestones": [30, 35],
+                                 **REFERENCE},
                  {"pL": "1.0,0.5", "seed": "1,2,3"}, id="table1_svhn", marks=needs_dataset("svhn")),
-    pytest.param("table1_imagenet", {"dataset.name": "imagenet", "depth": 152, "optim.milestones": [30, 60, 90]},
+    # ImageNet's reference is fb.resnet.torch (conf/dataset/imagenet.yaml)
+    pytest.param("table1_imagenet", {"dataset.name": "imagenet", "depth": 152, "optim.milestones": [30, 60, 90],
+                                     "model.bn_init": "ones", "model.conv_init": "fan_out", "model.fc_bias": "zero",
+                                     "optim.epoch_base": "zero", "dataset.color_jitter": 0.4,
+                                     "dataset.lighting": 0.1},
                  {"pL": "1.0,0.5", "epochs": "90,120"}, id="table1_imagenet", marks=needs_dataset("imagenet")),
     # depth and schedule override the cifar10 recipe (110 layers, 500 epochs): presets come last
     pytest.param("resnet1202", {"dataset.name": "cifar10", "depth": 1202, "epochs": 300,
                                 "optim.milestones": [150, 225], "optim.warmup_epochs": 10, "optim.warmup_lr": 0.01},
                  {"pL": "1.0,0.5"}, id="resnet1202"),
+    # fb.resnet.torch-style ResNet-1202: its init, shortcuts and per-channel normalisation, the paper's schedule
+    pytest.param("resnet1202_fb", {"dataset.name": "cifar10", "depth": 1202, "epochs": 300,
+                                   "optim.milestones": [150, 225], "optim.warmup_epochs": 10,
+                                   "model.bn_init": "ones", "model.conv_init": "fan_out", "model.fc_bias": "zero",
+                                   "model.shortcut_pool": "subsample", "dataset.normalization": "channel"},
+                 {"pL": "1.0,0.5"}, id="resnet1202_fb"),
     pytest.param("fig8_pL_sweep", {"dataset.name": "cifar10", "depth": 110},
                  {"pL": ",".join(f"{i / 10:g}" for i in range(1, 10)) + ",1.0", "survival": "linear,uniform"},
                  id="fig8_pL_sweep"),
