@@ -110,6 +110,10 @@ _USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def run_train(argv: list[str]) -> int:
+    from sdrun.runtime import legacy_override_error
+    if legacy_override_error(argv):  # bf16=on from before `precision`: say what replaced it
+        print(f"sdrun train: error: {legacy_override_error(argv)}", file=sys.stderr)
+        return 2
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]
 

@@ -12,14 +12,11 @@ One call of `train(cfg, run_dir)` is one run. It writes into run_dir:
 from __future__ import annotations
 
 import logging
-import platform
 import random
 import signal
 import threading
 import time
 import zlib
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from tqdm import tqdm
 
 from sdrun import distributed
 from sdrun.cifar_loader import make_train_batches
-from sdrun.config import ConfigError, Toggle, device_problem, to_plain, validate
+from sdrun.config import ConfigError, to_plain, validate
 from sdrun.data import Normalizer, eval_batches, load_image_data
 from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
@@ -38,6 +35,7 @@ from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
+from sdrun.runtime import Runtime, autocast, device_info, fp32_math, resolve_runtime, software_versions
 from sdrun.speed import compile_branches
 from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard
@@ -45,35 +43,6 @@ from sdrun.tblog import RunBoard
 log = logging.getLogger("sdrun")
 
 STOP_POLL = 10  # distributed: steps between the ranks' agreement on a SIGTERM/SIGINT
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    bf16: bool
-    channels_last: bool
-
-
-def resolve_runtime(cfg: DictConfig) -> Runtime:
-    """Turn 'auto' settings into concrete ones for the device at hand."""
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        if device_problem(cfg.device):
-            raise ConfigError(device_problem(cfg.device))
-        device = torch.device(cfg.device)
-    on_cuda = device.type == "cuda"
-    bf16 = {Toggle.on: True, Toggle.off: False,
-            Toggle.auto: on_cuda and torch.cuda.is_bf16_supported()}[cfg.bf16]
-    # channels_last: faster for convolutions on CUDA tensor cores, and measured faster on the
-    # CPU too (`sdrun bench --sections layout`: ResNet-110 training step x1.49 with oneDNN on
-    # the 2-core AMD EPYC dev machine), so `auto` means on for both.
-    channels_last = {Toggle.on: True, Toggle.off: False, Toggle.auto: True}[cfg.channels_last]
-    if on_cuda:
-        torch.backends.cudnn.benchmark = not cfg.deterministic
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return Runtime(device, bf16 and on_cuda, channels_last)
 
 
 def lr_at(epoch: int, optim: DictConfig) -> float:
@@ -110,7 +79,7 @@ def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=rt.device)  # top-1 wrong, top-5 wrong, seen
     for x, y in batches:
-        with autocast(rt):
+        with autocast(rt, eval=True):
             out = model(x)
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         counts[0] += (top[:, 0] != y).sum()
@@ -118,22 +87,6 @@ def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed
         counts[2] += len(y)
     wrong1, wrong5, count = distributed.sum_(counts, ctx).tolist()
     return 100.0 * wrong1 / max(count, 1), 100.0 * wrong5 / max(count, 1)
-
-
-def autocast(rt: Runtime):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.bf16 else nullcontext()
-
-
-def software_versions() -> dict:
-    import hydra
-    import omegaconf
-    import torchvision
-
-    from sdrun import __version__
-    return {"sdrun": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "hydra": hydra.__version__,
-            "omegaconf": omegaconf.__version__, "cuda": torch.version.cuda,
-            "platform": platform.platform()}
 
 
 class Interrupted(RuntimeError):
@@ -274,10 +227,10 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         board = RunBoard(writer, num_blocks, cfg.log.grad_histograms_every)
         board.start(cfg)
     grad_stats = GradStats(model, enabled=cfg.log.grad_stats)  # after DDP's all-reduce: same on every rank
-    log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
+    log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s precision=%s (eval %s) channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", cfg.pL, cfg.survival.value,
-             rt.device, rt.bf16, rt.channels_last)
+             rt.device, rt.precision, rt.eval_precision, rt.channels_last)
     log.info("data: %d train / %d val / %d test images; expected active blocks %.2f of %d",
              len(data.train), len(data.val) if data.val else 0, len(data.test), expected_depth, num_blocks)
     if ctx.distributed:
@@ -412,7 +365,9 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "measured_active_blocks": active_total / steps_total,
         **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
-        "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "device": str(rt.device), "precision": rt.precision, "eval_precision": rt.eval_precision,
+        "fp32_math": fp32_math() if rt.device.type == "cuda" else None, "hardware": device_info(rt.device),
+        "channels_last": rt.channels_last,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "config": to_plain(cfg), "versions": software_versions(),
     }
