@@ -119,7 +119,7 @@ def run_train(argv: list[str]) -> int:
 
     # Under torchrun every process runs this; they join one process group before Hydra
     # composes the config, so rank 0 can share its run directory (sdrun/distributed.py).
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # as distributed.py
     if torchrun:
         from sdrun import distributed
         distributed.init()

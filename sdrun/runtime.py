@@ -96,12 +96,12 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         set_fp32_math(precision)
-    if cfg.deterministic:
-        if device.type == "cuda":
-            # cuBLAS is only deterministic with a fixed workspace; read when its handle is made,
-            # so this helps a fresh process (sdrun train), not one that already used cuBLAS.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.deterministic and device.type == "cuda":
+        # cuBLAS is only deterministic with a fixed workspace; read when its handle is made,
+        # so this helps a fresh process (sdrun train), not one that already used cuBLAS.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Set both ways: a process that trains twice (tests, bench) must not inherit the last run's.
+    torch.use_deterministic_algorithms(bool(cfg.deterministic), warn_only=True)
     return Runtime(device, precision, eval_precision, channels_last)
 
 
