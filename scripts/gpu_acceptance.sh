@@ -72,30 +72,41 @@ if ((SMOKE)); then
     TRAIN_A=(depth=8 pL=0.5 epochs=2 max_steps_per_epoch=2 batch_size=16 eval_batch_size=64 dataset.val_size=6)
     TRAIN_B=(depth=8 pL=0.5 epochs=3 "optim.milestones=[1,2]" max_steps_per_epoch=2 batch_size=16
              eval_batch_size=64 dataset.val_size=6)
-    T_PYTEST=60 T_BENCH=60 T_TRAIN_A=60 T_TRAIN_B=60
+    T_PYTEST=60 T_BENCH=60 T_TRAIN_A=60 T_TRAIN_B=60 DEADLINE=600
     export OMP_NUM_THREADS=1
 else
     PY=${PYTHON:-python3}
     DEVICE=cuda
     PRECISIONS="tf32 bf16 fp32"
-    BENCH=(--sections compile --depth 110 --batch-size 128 --steps 20 --repeats 5 --warmup 5 --compile-warmup 30)
+    BENCH=(--sections compile --depth 110 --batch-size 128 --steps 15 --repeats 5 --warmup 5 --compile-warmup 20)
     TRAIN_A=(depth=110 pL=0.5 epochs=3)
     TRAIN_B=(depth=110 pL=0.5 epochs=12 "optim.milestones=[8,11]")
     # 5 minutes in all (so a second run plus the machine's start fit the 15-minute lease):
-    # installs ~5 s, reports ~1 s each; the per-step limits below sum to 280 s.
-    T_PYTEST=60 T_BENCH=40 T_TRAIN_A=40 T_TRAIN_B=60
+    # each step has its own limit, and none may run past DEADLINE seconds from the start
+    # (a step with under 10 s left is skipped and reported so). Most valuable first: the
+    # tests, the default precision's bench, the training runs, then the other precisions.
+    T_PYTEST=75 T_BENCH=45 T_TRAIN_A=30 T_TRAIN_B=60 DEADLINE=285
 fi
 RUNS=$WORK/runs
 mkdir -p "$RUNS"
 echo "gpu_acceptance: $( ((SMOKE)) && echo cpu-smoke || echo gpu ) mode, out $OUT_DIR, work $WORK, $(date -u +%FT%TZ)"
 
 step() {  # step NAME SECONDS CMD...: run with a time limit from the work folder, record rc and time
-    local name=$1 limit=$2 t0 rc
+    local name=$1 limit=$2 t0 rc left
     shift 2
+    left=$(( DEADLINE - ($(date +%s) - START) ))
+    (( left < limit )) && limit=$left
+    if (( limit < 10 )); then
+        echo "---- $name: skipped, ${left}s left of the ${DEADLINE}s budget"
+        printf '%s\t%s\t%s\t%s\n' "$name" -1 0 "$limit" >> "$WORK/steps.tsv"
+        return 0
+    fi
     t0=$(date +%s%N)
     echo "---- $name (limit ${limit}s): $*"
-    (cd "$WORK" && timeout --kill-after=10 "$limit" "$@")
-    rc=$?
+    # Its output also goes to WORK/NAME.log (the report reads pytest's from there when a
+    # timeout kept pytest from writing its junit file).
+    (cd "$WORK" && timeout --kill-after=10 "$limit" "$@") 2>&1 | tee "$WORK/$name.log"
+    rc=${PIPESTATUS[0]}
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" "$limit" >> "$WORK/steps.tsv"
     echo "---- $name: exit $rc"
     return 0
@@ -129,21 +140,28 @@ fi
 report
 
 # ---- 1. the CUDA tests
-step pytest "$T_PYTEST" "$PY" -m pytest -q -m cuda -p no:cacheprovider --junitxml="$WORK/pytest.xml" tests/test_cuda.py
+step pytest "$T_PYTEST" "$PY" -m pytest -v -m cuda -p no:cacheprovider --junitxml="$WORK/pytest.xml" tests/test_cuda.py
 report
 
-# ---- 2. the benchmark, once per precision
-for p in $PRECISIONS; do
-    step "bench_$p" "$T_BENCH" "$PY" -m sdrun bench --device "$DEVICE" --precision "$p" "${BENCH[@]}" \
-        --out "$WORK/bench_$p.json"
+# ---- 2. the benchmark, once per precision (the first, the default, before the training runs)
+bench() {
+    step "bench_$1" "$T_BENCH" "$PY" -m sdrun bench --device "$DEVICE" --precision "$1" "${BENCH[@]}" \
+        --out "$WORK/bench_$1.json"
     report
-done
+}
+set -- $PRECISIONS
+bench "$1"
 
 # ---- 3. training on the real CIFAR-10 images, through the whole trainer
 COMMON=(dataset=cifar10 "dataset.root=$DATA_DIR" device="$DEVICE" progress=off)
 step train_a "$T_TRAIN_A" "$PY" -m sdrun train "${COMMON[@]}" "${TRAIN_A[@]}" "hydra.run.dir=$RUNS/a_epochs"
 report
 step train_b "$T_TRAIN_B" "$PY" -m sdrun train "${COMMON[@]}" "${TRAIN_B[@]}" "hydra.run.dir=$RUNS/b_short_schedule"
+report
+shift
+for p in "$@"; do
+    bench "$p"
+done
 
 # ---- 4. the report, and the runs' small files in one archive (OUT_DIR holds at most 8 files)
 report

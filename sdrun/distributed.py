@@ -33,7 +33,8 @@ How a distributed run stays equal to one process over the same global batch:
 
 Collectives on CPU tensors go through gloo, on CUDA tensors through NCCL (the backend
 string "cpu:gloo,cuda:nccl"), so small control messages never touch the GPU.
-Only the gloo/CPU path is tested here (no GPU in CI); the NCCL path is the same code.
+CI tests the gloo/CPU path; tests/test_cuda.py runs the NCCL path (one process under torchrun,
+SyncBatchNorm) on a GPU.
 """
 
 from __future__ import annotations

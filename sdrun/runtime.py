@@ -143,13 +143,21 @@ def software_versions() -> dict:
 
 
 def _nvidia_driver() -> str | None:
-    """The kernel driver's version, from /proc (no nvidia-smi or NVML binding needed)."""
+    """The driver's version: from /proc where the kernel module shows it, else nvidia-smi
+    (sandboxed machines may have no /proc/driver/nvidia); None if neither answers."""
     try:
-        text = open("/proc/driver/nvidia/version").read()
+        m = re.search(r"Kernel Module\s+(?:for\s+\S+\s+)?([0-9][0-9.]+)", open("/proc/driver/nvidia/version").read())
+        if m:
+            return m.group(1)
     except OSError:
+        pass
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
         return None
-    m = re.search(r"Kernel Module\s+(?:for\s+\S+\s+)?([0-9][0-9.]+)", text)
-    return m.group(1) if m else None
 
 
 def device_info(device: torch.device) -> dict:
