@@ -140,9 +140,9 @@ def test_step_and_gradient_statistics_never_sync_the_host(precision):
     wrong = torch.zeros((), dtype=torch.int64, device=rt.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=rt.device)
 
-    def step(i: int) -> None:
+    def step(i: int, all_blocks: bool = False) -> None:
         nonlocal first_bad
-        step_gates = gates.draw()
+        step_gates = [True] * len(model.survival_probs) if all_blocks else gates.draw()
         with autocast(rt):
             out = model(x, step_gates)
             loss = F.cross_entropy(out, y)
@@ -156,8 +156,8 @@ def test_step_and_gradient_statistics_never_sync_the_host(precision):
         wrong.add_((out.detach().argmax(1) != y).sum())
 
     model.train()
-    for i in range(3):  # warm-up: cudnn.benchmark's search, allocator growth, lazy inits
-        step(i)
+    for i in range(3):  # warm-up, every block (every conv shape): cudnn.benchmark's search, lazy inits
+        step(i, all_blocks=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -173,7 +173,9 @@ def test_step_and_gradient_statistics_never_sync_the_host(precision):
 def test_the_whole_trainer_has_no_per_step_sync(tmp_path):
     """sync debug mode "warn" over whole runs: the syncs of epoch ends (evaluation, metrics,
     checkpoint) are allowed; the count must not grow with the steps per epoch."""
-    train_run(tmp_path / "warm-up", "epochs=1", "precision=tf32")  # one-time syncs (lazy inits) happen here
+    # One-time syncs (lazy inits, cudnn.benchmark's search of every conv shape: pL=1.0 runs
+    # every block) happen here, not in the runs compared.
+    train_run(tmp_path / "warm-up", "epochs=1", "pL=1.0", "precision=tf32")
     counts = {}
     for steps in (3, 8):
         with warnings.catch_warnings(record=True) as caught:
