@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-bundle clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 # The speed figures (sdrun bench --help): SD saving, trainer overhead, eval, ResNet-1202.
 bench: $(STAMP)
 	$(BIN)/sdrun bench --out bench.json
+
+# What the bare H200 machine lacks (wheels, a CIFAR-10 subset) into the ignored gpu_bundle/,
+# for scripts/gpu_acceptance.sh there (README: GPU acceptance). Needs PyPI and ../shared/data.
+gpu-bundle: $(STAMP)
+	PYTHON=$(BIN)/python scripts/gpu_bundle.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

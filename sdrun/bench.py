@@ -37,14 +37,18 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sdrun.config import ConfigError, OptimConfig, Toggle, register_configs
-from sdrun.errors import ArgParser
 from sdrun.data import Normalizer, Split, eval_batches
+from sdrun.errors import ArgParser
 from sdrun.files import save_checkpoint
+from sdrun.gradstats import GradStats
 from sdrun.models import build_model
+from sdrun.optim import make_optimizer
 from sdrun.rng import derive_seed, seed_global
+from sdrun.runtime import device_info, resolve_runtime, software_versions
+from sdrun.runtime import synchronize as sync
 from sdrun.speed import compile_branches
 from sdrun.stochastic import GateSampler, expected_active_blocks, survival_probs
-from sdrun.train import autocast, evaluate, make_optimizer, resolve_runtime, software_versions, train
+from sdrun.train import evaluate, train, train_step
 
 CIFAR_TRAIN_IMAGES = 45_000
 PAPER_EPOCHS = 500
@@ -53,14 +57,9 @@ SECTIONS = ("sd", "layout", "overhead", "eval", "compile", "deep")
 
 # ---------------------------------------------------------------- helpers
 
-def runtime(device: str, channels_last: str = "auto", bf16: str = "auto"):
-    return resolve_runtime(OmegaConf.create({"device": device, "bf16": Toggle(bf16),
+def runtime(device: str, channels_last: str = "auto", precision: str = "auto"):
+    return resolve_runtime(OmegaConf.create({"device": device, "precision": precision,
                                              "channels_last": Toggle(channels_last), "deterministic": False}))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -155,8 +154,8 @@ def bench_sd(depth: int, rt, a) -> dict:
 
 def bench_layout(a) -> dict:
     """channels_last vs contiguous for the same training step (p_L = 1.0, fixed compute)."""
-    steppers = {"contiguous": Stepper(a.depth, 1.0, runtime(a.device, "off"), a.batch_size),
-                "channels_last": Stepper(a.depth, 1.0, runtime(a.device, "on"), a.batch_size)}
+    steppers = {"contiguous": Stepper(a.depth, 1.0, runtime(a.device, "off", a.precision), a.batch_size),
+                "channels_last": Stepper(a.depth, 1.0, runtime(a.device, "on", a.precision), a.batch_size)}
     res = interleaved(steppers, a.steps, a.repeats, a.warmup)
     return {"depth": a.depth, "runs": res, "speedup_channels_last":
             res["contiguous"]["step_s_median"] / res["channels_last"]["step_s_median"]}
@@ -188,7 +187,7 @@ def bench_overhead(rt, a) -> dict:
     steps = a.trainer_steps
     overrides = ["dataset=digits", f"depth={a.depth}", f"batch_size={a.batch_size}", "epochs=2",
                  f"max_steps_per_epoch={steps}", "checkpoint=true", f"device={rt.device}",
-                 f"channels_last={'on' if rt.channels_last else 'off'}", f"bf16={'on' if rt.bf16 else 'off'}"]
+                 f"channels_last={'on' if rt.channels_last else 'off'}", f"precision={rt.precision}"]
     with initialize_config_module(config_module="sdrun.conf", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     trainer_ips, bare_ips, syncs = [], [], []
@@ -256,7 +255,8 @@ def bench_compile(rt, a) -> dict:
 # ---------------------------------------------------------------- command
 
 def environment(rt) -> dict:
-    env = {"device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+    env = {"device": str(rt.device), "precision": rt.precision, "hardware": device_info(rt.device),
+           "channels_last": rt.channels_last,
            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "load_avg_1_5_15_at_start": os.getloadavg(), "processor": platform.processor(),
            "versions": software_versions()}
@@ -291,6 +291,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=500)
     p.add_argument("--compile-warmup", type=int, default=10, help="untimed steps that compile the branches")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
+                   help="training arithmetic of every section (auto: tf32 on CUDA, fp32 on the CPU)")
     p.add_argument("--out", default="bench.json", help="where the JSON report goes")
     a = p.parse_args(argv)
     for name in ("steps", "repeats", "deep_steps", "deep_repeats", "trainer_steps", "trainer_repeats",
@@ -307,7 +309,7 @@ def run_bench(argv: list[str]) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        rt = runtime(a.device)
+        rt = runtime(a.device, precision=a.precision)
     except ConfigError as e:
         print(f"sdrun bench: error: {e}", file=sys.stderr)
         return 2
@@ -328,7 +330,7 @@ def run_bench(argv: list[str]) -> int:
         Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"sdrun bench on {rt.device} ({report['environment'].get('gpu') or report['environment'].get('cpu_model', '')}, "
-          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}), bf16={rt.bf16} "
+          f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}), precision={rt.precision} "
           f"channels_last={rt.channels_last}", flush=True)
     for section in [s for s in SECTIONS if s in wanted]:
         if section == "sd":

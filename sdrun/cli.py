@@ -95,12 +95,16 @@ _USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def run_train(argv: list[str]) -> int:
+    from sdrun.runtime import legacy_override_error
+    if legacy_override_error(argv):  # bf16=on from before `precision`: say what replaced it
+        print(f"sdrun train: error: {legacy_override_error(argv)}", file=sys.stderr)
+        return 2
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]
 
     # Under torchrun every process runs this; they join one process group before Hydra
     # composes the config, so rank 0 can share its run directory (sdrun/distributed.py).
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # as distributed.py
     if torchrun:
         from sdrun import distributed
         distributed.init()

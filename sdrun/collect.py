@@ -38,7 +38,9 @@ NUMBER_KEYS = ("depth", "pL", "seed", "epochs", "num_blocks", HEADLINE,
 # be averaged (the runtime-only settings, a resumed run's `resume` among them). The group
 # keys (dataset, depth, pL, survival) and the seed are left out too: they are what rows and
 # averages are made of.
-NOT_RECIPE = RUNTIME_ONLY | {"seed", "pL", "survival", "depth", "dataset.name", "dataset.format"}
+# precision/eval_precision/bf16: the settings ('auto'); the resolved values are runtime.* below.
+NOT_RECIPE = RUNTIME_ONLY | {"seed", "pL", "survival", "depth", "dataset.name", "dataset.format",
+                             "precision", "eval_precision", "bf16"}
 
 Recipe = tuple[tuple[str, Any], ...]
 
@@ -187,11 +189,27 @@ def read_run(path: Path) -> FinishedRun | Skipped:
 def recipe_of(results: dict) -> Recipe:
     """The settings that change what a run measures, as a hashable, sorted tuple."""
     settings = {k: v for k, v in flatten(results["config"]).items() if k not in NOT_RECIPE}
-    # Where it ran decides its times (and its numerics: bf16): not averaged across either.
+    # Where it ran decides its times, and its precision its numerics: not averaged across
+    # either. The resolved precision, not the setting ('auto' means tf32 on CUDA, fp32 on
+    # the CPU), and the GPU's name: two GPUs of one kind in different machines do average.
     settings["runtime.device"] = str(results.get("device", "?")).split(":")[0]
-    settings["runtime.bf16"] = results.get("bf16")
+    settings["runtime.precision"] = resolved_precision(results)
+    settings["runtime.eval_precision"] = results.get("eval_precision", settings["runtime.precision"])
+    hardware = results.get("hardware") or {}
+    settings["runtime.gpu"] = hardware.get("name") if hardware.get("type") == "cuda" else None
     settings["runtime.channels_last"] = results.get("channels_last")
     return tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
+
+
+def resolved_precision(results: dict) -> str:
+    """The precision a run trained in. Runs from before the `precision` setting recorded only
+    `bf16`: off meant float32 storage with PyTorch's defaults, i.e. fp32 on the CPU and TF32
+    convolutions on CUDA."""
+    if results.get("precision"):
+        return results["precision"]
+    if results.get("bf16"):
+        return "bf16"
+    return "tf32" if str(results.get("device", "")).startswith("cuda") else "fp32"
 
 
 def _hashable(v: Any) -> Any:

@@ -39,10 +39,28 @@ class BranchScaling(Choice):
 
 
 class Toggle(Choice):
-    """A setting whose 'auto' value depends on the device (see sdrun.train.resolve_runtime)."""
+    """A setting whose 'auto' value depends on the device (see sdrun.runtime.resolve_runtime)."""
     auto = "auto"
     on = "on"
     off = "off"
+
+
+
+
+class Precision(Choice):
+    """Training arithmetic (sdrun.runtime): auto = tf32 on CUDA, fp32 on the CPU."""
+    auto = "auto"
+    fp32 = "fp32"  # strict float32: TF32 off for convolutions and matmuls (the paper's)
+    tf32 = "tf32"  # float32 storage, TF32 tensor-core math (CUDA)
+    bf16 = "bf16"  # bfloat16 autocast
+
+
+class EvalPrecision(Choice):
+    """Evaluation arithmetic: same = the training precision."""
+    same = "same"
+    fp32 = "fp32"
+    tf32 = "tf32"
+    bf16 = "bf16"
 
 
 # ---- fidelity choices: where the paper's text and the code that produced its Table 1 differ.
@@ -183,7 +201,8 @@ class TrainConfig:
     batch_size: int = 128
     max_steps_per_epoch: Optional[int] = None  # cap for smoke runs; None = full epochs
     device: str = "auto"          # auto | cpu | cuda | cuda:N
-    bf16: Toggle = Toggle.auto    # bf16 autocast; auto = on for CUDA devices that support it
+    precision: Precision = Precision.auto  # fp32 | tf32 | bf16; auto = tf32 on CUDA, fp32 on the CPU
+    eval_precision: EvalPrecision = EvalPrecision.same  # same = as training
     channels_last: Toggle = Toggle.auto  # auto = on (measured faster on CUDA and CPU: sdrun bench)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
     compile: bool = False         # torch.compile each residual branch separately (sdrun.speed)

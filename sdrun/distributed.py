@@ -33,7 +33,8 @@ How a distributed run stays equal to one process over the same global batch:
 
 Collectives on CPU tensors go through gloo, on CUDA tensors through NCCL (the backend
 string "cpu:gloo,cuda:nccl"), so small control messages never touch the GPU.
-Only the gloo/CPU path is tested here (no GPU in CI); the NCCL path is the same code.
+CI tests the gloo/CPU path; tests/test_cuda.py runs the NCCL path (one process under torchrun,
+SyncBatchNorm) on a GPU.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ class Context:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    grouped: bool = False  # in a process group (torchrun), even one of a single process
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.grouped
 
     @property
     def is_main(self) -> bool:
@@ -68,7 +70,9 @@ SINGLE = Context()
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # TORCHELASTIC_RUN_ID: torchrun sets it for every worker, so `--nproc_per_node=1` still
+    # goes through the process group (NCCL on CUDA), DDP and SyncBatchNorm: one GPU can test them.
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def init() -> Context:
@@ -86,7 +90,7 @@ def init() -> Context:
 def current() -> Context:
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE
-    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), grouped=True)
 
 
 def teardown() -> None:

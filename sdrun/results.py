@@ -27,7 +27,9 @@ KEYS = (
     "final_test_error_pct",
     "train_time_s", "train_time_per_epoch_s", "wall_time_s",
     "expected_active_blocks", "measured_active_blocks",
-    "device", "bf16", "channels_last", "world_size", "cpu_threads",
+    "device", "precision", "eval_precision",  # resolved (never "auto"): fp32 | tf32 | bf16
+    "fp32_math", "hardware",        # TF32 flags in force (CUDA); GPU name, count, driver, cuDNN (or the CPU)
+    "channels_last", "world_size", "cpu_threads",
     "config",                       # the full resolved config (plain data)
     "versions",                     # software versions
 )

@@ -40,7 +40,8 @@ from sdrun.optim import make_optimizer, set_lr
 from sdrun.results import FINISHED, HEADLINE, RESULTS
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import check_run_dir
-from sdrun.runtime import Runtime, autocast, resolve_runtime, software_versions, synchronize
+from sdrun.runtime import (Runtime, autocast, device_info, fp32_math, resolve_runtime, software_versions,
+                           synchronize)
 from sdrun.schedule import lr_at
 from sdrun.speed import compile_branches
 from sdrun.state import CHECKPOINT, TrainState
@@ -294,7 +295,7 @@ def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=rt.device)  # top-1 wrong, top-5 wrong, seen
     for x, y in batches:
-        with autocast(rt):
+        with autocast(rt, eval=True):
             out = model(x)
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         counts[0] += (top[:, 0] != y).sum()
@@ -347,7 +348,9 @@ def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Ru
         "measured_active_blocks": state.active_total / state.step,
         **({"test_top5_error_at_best_val_pct": best["test_top5_error_pct"],
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
-        "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "device": str(rt.device), "precision": rt.precision, "eval_precision": rt.eval_precision,
+        "fp32_math": fp32_math() if rt.device.type == "cuda" else None, "hardware": device_info(rt.device),
+        "channels_last": rt.channels_last,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "fidelity": fidelity.summary(cfg),  # which preset the paper-vs-reference choices match
         "config": to_plain(cfg), "versions": software_versions(),
@@ -356,10 +359,11 @@ def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Ru
 
 def log_start(cfg, run_dir, model, rt: Runtime, ctx, data, expected_depth: float) -> None:
     num_blocks = len(model.survival_probs)
-    log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s bf16=%s channels_last=%s",
+    log.info("run dir %s | %s depth %d (L=%d blocks, %s params) pL=%s %s | device %s precision=%s (eval %s) "
+             "channels_last=%s",
              run_dir, cfg.dataset.name, cfg.depth, num_blocks,
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", cfg.pL, cfg.survival.value,
-             rt.device, rt.bf16, rt.channels_last)
+             rt.device, rt.precision, rt.eval_precision, rt.channels_last)
     log.info("data: %d train / %d val / %d test images; expected active blocks %.2f of %d",
              len(data.train), len(data.val) if data.val else 0, len(data.test), expected_depth, num_blocks)
     if ctx.distributed:

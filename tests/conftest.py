@@ -121,3 +121,14 @@ def write_imagenet_folder(root: Path, wnids=("n01440764", "n01443537", "n0148485
                 pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(d / f"{wnid}_{i}.JPEG", format="JPEG")
     return root
+
+
+def compose_train(*overrides: str):
+    """The `sdrun train` config for these overrides, composed in-process (for train(cfg, dir))."""
+    from hydra import compose, initialize_config_module
+
+    from sdrun.config import register_configs
+
+    register_configs()
+    with initialize_config_module("sdrun.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))

@@ -16,8 +16,13 @@ DEFAULT_CONFIG["dataset"]["name"] = "cifar10"
 
 def write_run(path: Path, *, dataset="cifar10", depth=110, pL=0.5, survival="linear", seed=1, epochs=500,
               error=5.0, final_error=None, per_epoch_s=60.0, num_blocks=54, expected=None, device="cuda:0",
+              precision=None, gpu="NVIDIA H200", legacy_bf16=None,
               config: dict | None = None, metrics: list[dict] | None = None) -> Path:
-    """results.json (and metrics.jsonl when given) as `sdrun train` writes them."""
+    """results.json (and metrics.jsonl when given) as `sdrun train` writes them.
+
+    precision: the resolved one (default: what 'auto' gives, tf32 on CUDA, fp32 on the CPU);
+    legacy_bf16=True/False writes a results.json from before the precision setting (a `bf16`
+    key, no precision, no hardware)."""
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     cfg.update(depth=depth, pL=pL, survival=survival, seed=seed, epochs=epochs)
     cfg["dataset"]["name"] = dataset
@@ -36,9 +41,19 @@ def write_run(path: Path, *, dataset="cifar10", depth=110, pL=0.5, survival="lin
         "final_test_error_pct": error + 1.0 if final_error is None else final_error,
         "train_time_s": per_epoch_s * epochs, "train_time_per_epoch_s": per_epoch_s,
         "wall_time_s": per_epoch_s * epochs * 1.1, "expected_active_blocks": expected,
-        "measured_active_blocks": expected, "device": device, "bf16": device.startswith("cuda"),
+        "measured_active_blocks": expected, "device": device,
         "channels_last": device.startswith("cuda"), "config": cfg, "versions": {}, "command": ["sdrun"],
     }
+    on_cuda = device.startswith("cuda")
+    if legacy_bf16 is None:
+        precision = precision or ("tf32" if on_cuda else "fp32")
+        results.update(precision=precision, eval_precision=precision,
+                       hardware={"type": "cuda", "name": gpu, "count": 1, "driver": "580.159.03", "cudnn": 91500}
+                       if on_cuda else {"type": "cpu", "name": "AMD EPYC", "count": 2})
+    else:
+        results["bf16"] = legacy_bf16
+        cfg.pop("precision"), cfg.pop("eval_precision")
+        cfg["bf16"] = "on" if legacy_bf16 else "auto"
     path.mkdir(parents=True, exist_ok=True)
     (path / "results.json").write_text(json.dumps(results))
     if metrics is not None:

@@ -63,6 +63,8 @@ CASES = [
     (["optim.milestones=[375,250]"], "optim.milestones=[375, 250] must be increasing"),
     (["optim.momentum=1.5"], "optim.momentum in [0, 1)"),
     (["device=tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
+    (["precision=fp16"], "Invalid value 'fp16'"),
+    (["device=cpu", "precision=tf32", "hydra.run.dir={w}/new"], "precision=tf32 is a CUDA tensor-core mode"),
     (["device=cuda"], "CUDA is not available"),
     (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"], "cifar-10-batches-py"),
     (["dataset=cifar10", "dataset.root={w}/c10", "hydra.run.dir={w}/new"], "not found or corrupt"),  # md5 on

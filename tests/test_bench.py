@@ -23,6 +23,7 @@ def test_bench_writes_every_section(tmp_path):
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     env, res = report["environment"], report["results"]
     assert env["device"] == "cpu" and "torch" in env["versions"] and env["torch_threads"] >= 1
+    assert env["precision"] == "fp32" and env["hardware"]["type"] == "cpu"  # auto on the CPU
     assert set(res) == {"sd", "layout", "overhead", "eval", "deep_sd", "deep_eval"}  # compile: CUDA only
 
     for key, depth in (("sd", 8), ("deep_sd", 14)):
@@ -49,7 +50,8 @@ def test_bench_sections_and_bad_arguments(tmp_path):
     r = run_sdrun("bench", *SMALL, "--sections", "eval", "--out", "e.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert set(json.loads((tmp_path / "e.json").read_text())["results"]) == {"eval"}
-    for bad in (["--sections", "sd,warp"], ["--steps", "0"], ["--device", "cuda:7"]):
+    for bad in (["--sections", "sd,warp"], ["--steps", "0"], ["--device", "cuda:7"], ["--precision", "tf32"],
+                ["--precision", "fp16"]):
         r = run_sdrun("bench", *SMALL, *bad, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, bad
         assert r.stderr.startswith("sdrun bench: error:") and len(r.stderr.strip().splitlines()) == 1, bad

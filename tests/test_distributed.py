@@ -156,3 +156,13 @@ def test_multirun_under_torchrun_is_refused(tmp_path):
     assert "sdrun train: error: sdrun train -m under torchrun" in r.stderr
     # torchrun prints its own ChildFailedError report; no frame of sdrun's may show
     assert "sdrun/runs.py" not in r.stderr and "sdrun/cli.py" not in r.stderr
+
+
+def test_one_process_under_torchrun_still_uses_the_process_group(tmp_path):
+    """torchrun --nproc_per_node=1 is a distributed run of one (DDP, collectives; NCCL and
+    SyncBatchNorm on a GPU: tests/test_cuda.py), not a silent fallback to the plain loop."""
+    r = torchrun("-m", "sdrun", "train", *RUN, "hydra.run.dir=run", cwd=tmp_path, nproc=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "distributed: 1 processes" in (tmp_path / "run" / "train.log").read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["world_size"] == 1 and results["status"] == "finished"

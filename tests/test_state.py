@@ -21,7 +21,7 @@ from sdrun.models import build_model
 from sdrun.stochastic import GateSampler
 from sdrun.train import train_step
 
-RT = Runtime(torch.device("cpu"), bf16=False, channels_last=False)
+RT = Runtime(torch.device("cpu"), precision="fp32", eval_precision="fp32", channels_last=False)
 
 
 def fresh_state(seed: int = 1) -> TrainState:

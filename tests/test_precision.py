@@ -1,0 +1,80 @@
+"""The precision setting: resolved per device, applied to training and evaluation, recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sdrun.config import ConfigError
+from sdrun.runtime import autocast, device_info, legacy_override_error, resolve_precision, resolve_runtime
+from sdrun.train import train
+from tests.conftest import TINY, compose_train, run_sdrun
+
+CPU = torch.device("cpu")
+
+
+def rt_for(**settings):
+    cfg = {"device": "cpu", "precision": "auto", "eval_precision": "same", "channels_last": "auto",
+           "deterministic": False, **settings}
+    from sdrun.config import Toggle
+    cfg["channels_last"] = Toggle(cfg["channels_last"])
+    return resolve_runtime(OmegaConf.create(cfg))
+
+
+def test_auto_is_fp32_on_the_cpu_and_tf32_is_refused_there():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "tf32"  # resolution only, no GPU touched
+    assert resolve_precision("same", CPU, "bf16") == "bf16"
+    with pytest.raises(ConfigError, match="precision=tf32 is a CUDA tensor-core mode"):
+        resolve_precision("tf32", CPU)
+    rt = rt_for(precision="bf16", eval_precision="fp32")
+    assert (rt.precision, rt.eval_precision, rt.bf16) == ("bf16", "fp32", True)
+    assert rt_for().precision == rt_for().eval_precision == "fp32"
+
+
+def test_autocast_follows_the_training_and_the_evaluation_precision():
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    rt = rt_for(precision="bf16", eval_precision="fp32")
+    with autocast(rt):
+        assert lin(x).dtype == torch.bfloat16
+    with autocast(rt, eval=True):
+        assert lin(x).dtype == torch.float32
+    rt = rt_for(precision="fp32", eval_precision="bf16")
+    with autocast(rt):
+        assert lin(x).dtype == torch.float32
+    with autocast(rt, eval=True):
+        assert lin(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_records_its_resolved_precision_and_hardware(tmp_path, precision):
+    cfg = compose_train(*TINY, "device=cpu", f"precision={precision}")
+    results = train(cfg, tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert on_disk["precision"] == on_disk["eval_precision"] == precision
+    assert on_disk["config"]["precision"] == precision
+    assert on_disk["hardware"]["type"] == "cpu" and on_disk["hardware"]["count"] >= 1
+    assert on_disk["fp32_math"] is None  # TF32 flags only matter (and are only set) on CUDA
+    assert torch.isfinite(torch.tensor(results["final_test_error_pct"]))
+    assert "cudnn" in on_disk["versions"]
+
+
+def test_device_info_on_the_cpu():
+    info = device_info(CPU)
+    assert info["type"] == "cpu" and info["name"] and info["count"] >= 1
+
+
+def test_old_bf16_key_is_one_clear_line(tmp_path):
+    assert "use precision=bf16" in legacy_override_error(["depth=8", "bf16=on"])
+    assert "use precision=tf32" in legacy_override_error(["++bf16=off"])
+    assert legacy_override_error(["precision=bf16", "dataset=digits"]) is None
+    r = run_sdrun("train", *TINY, "bf16=on", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("sdrun train: error: 'bf16=on'"), err
+    assert "precision=auto|fp32|tf32|bf16" in err
+    assert not any(tmp_path.iterdir())  # refused before Hydra made a run directory
