@@ -69,10 +69,20 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> dict | None:
     results = run_dir / RESULTS
     if results.is_file():
         try:
-            status = json.loads(results.read_text()).get("status")
+            finished = json.loads(results.read_text())
+            status = finished.get("status")
         except (json.JSONDecodeError, OSError, AttributeError):
-            status = None
+            finished, status = {}, None
         if status == "finished":
+            # Only the same settings may exit 0 (a requeued job, a re-run script); other settings
+            # would make a script believe a run it asked for is done.
+            saved = finished.get("config")
+            if not isinstance(saved, dict) and (run_dir / CHECKPOINT).is_file():
+                saved = read_checkpoint(run_dir / CHECKPOINT).get("config")
+            diffs = config_differences(saved, to_plain(cfg)) if isinstance(saved, dict) else []
+            if diffs:
+                raise CheckpointError(f"{run_dir} already holds a finished run made with other settings "
+                                      f"({'; '.join(diffs)}); pick another hydra.run.dir for these settings")
             raise AlreadyFinished(f"{run_dir} already holds a finished run ({results}); nothing to do. "
                                   f"Pick another hydra.run.dir to train again.")
     ckpt_path = run_dir / CHECKPOINT
@@ -92,7 +102,9 @@ def resume_dir(resume: str) -> Path:
     """`resume=PATH`: a run directory or its checkpoint.pt; the run continues in that directory."""
     path = Path(resume)
     run_dir = path.parent if path.name == CHECKPOINT or path.is_file() else path
-    if not (run_dir / CHECKPOINT).is_file():
+    # A finished run without a checkpoint (checkpoint=false) is accepted: check_run_dir then
+    # says it is done, or names the settings that differ.
+    if not ((run_dir / CHECKPOINT).is_file() or (run_dir / RESULTS).is_file()):
         raise ConfigError(f"resume={resume}: no {CHECKPOINT} there")
     return run_dir
 
