@@ -32,9 +32,11 @@ from sdrun import distributed
 from sdrun.cifar_loader import make_train_batches
 from sdrun.config import ConfigError, Toggle, device_problem, to_plain, validate
 from sdrun.data import Normalizer, eval_batches, load_image_data
+from sdrun.eta import EpochClock
 from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
 from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
+from sdrun.liveness import Lease
 from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
@@ -187,6 +189,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
+    with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
+        return _train(cfg, run_dir, progress, lease)
+
+
+def _train(cfg: DictConfig, run_dir: str | Path, progress: bool, lease: Lease) -> dict:
     validate(cfg)
     ctx = distributed.init()  # torchrun's rank and world size; one process without torchrun
     if cfg.batch_size < ctx.world_size:
@@ -199,6 +206,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_state = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
+    if ctx.is_main:
+        lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
     rt = resolve_runtime(cfg)
     rt.device = distributed.place(rt.device, ctx)
     seed_global(cfg.seed)
@@ -285,6 +294,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                  ctx.world_size, cfg.batch_size, -(-cfg.batch_size // ctx.world_size), cfg.sync_bn)
 
     wall_start = time.perf_counter()
+    clock = EpochClock(cfg.epochs, start_epoch, (record or {}).get("elapsed_s", 0.0))  # elapsed and ETA
     with StopSignals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             e = epoch + 1  # 1-based epoch number used in logs, metrics and TensorBoard
@@ -300,7 +310,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             seen, active, gate_crc = 0, 0, 0
             sync()
             t0, eval_s0 = time.perf_counter(), evaluator.seconds
-            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", leave=False, disable=not (progress and ctx.is_main))
+            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", postfix=clock.describe(), leave=False, disable=not (progress and ctx.is_main))
             for step, (x, y) in enumerate(bar, start=1):
                 step_gates = gates.draw()
                 with autocast(rt):
@@ -370,14 +380,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
                       "images_per_s": seen / epoch_time, "active_blocks_mean": active / steps}
             if cfg.dataset.top5:
                 record.update({k: evaluated[k] for k in ("val_top5_error_pct", "test_top5_error_pct")})
-            record.update(grad_stats.end_epoch(), lr_drop=epoch > 0 and lr < lr_at(epoch - 1, cfg.optim))
+            record.update(grad_stats.end_epoch(), lr_drop=epoch > 0 and lr < lr_at(epoch - 1, cfg.optim),
+                          **clock.tick(e))  # elapsed_s, eta_s (wall clock)
             if ctx.is_main:
                 board.write_epoch(record, e, grad_stats)
                 log_epoch(writer, record, expected_depth)  # flushes the event file
             log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s"
-                     " | blocks %.2f/%.2f", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
+                     " | blocks %.2f/%.2f | %s", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
                      "-" if val_err is None else f"{val_err:.2f}%", test_err, epoch_time,
-                     record["images_per_s"], record["active_blocks_mean"], expected_depth)
+                     record["images_per_s"], record["active_blocks_mean"], expected_depth, clock.describe())
 
             # metrics.jsonl first, checkpoint second: a kill in between leaves a line that the
             # resumed run drops (it resumes from the previous checkpoint and redoes the epoch).
@@ -412,7 +423,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "measured_active_blocks": active_total / steps_total,
         **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
-        "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "device": str(rt.device), "bf16": rt.bf16,
+        "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None, "channels_last": rt.channels_last,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "config": to_plain(cfg), "versions": software_versions(),
     }
