@@ -18,6 +18,8 @@ commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
   table     Tables 1 and 2 from finished runs, beside the paper's figures
   plot      Figs. 3, 7 and 8 from finished runs (PNG and PDF)
+  status    where every run and sweep below DIR... stands: state, epoch, errors, ETA (no torch)
+  report    one shareable page: REPORT.md with tables, figures, analyses and what was run
   analyze   test the implicit-ensemble claim on a trained run (sdrun analyze --help)
   bench     measure the stochastic-depth saving, trainer overhead, eval speed (sdrun bench --help)
 
@@ -28,6 +30,7 @@ examples:
   sdrun train -m experiment=table1_cifar10  # a paper experiment (conf/experiment/)
   sdrun table multirun/ runs/ --out tables/
   sdrun plot multirun/ --out figures/
+  sdrun status multirun/ runs/ --watch 60
   sdrun analyze runs/SD_RUN --compare runs/CONSTANT_RUN
 """
 
@@ -193,8 +196,13 @@ def run_bench(argv: list[str]) -> int:
     return run_bench(argv)
 
 
+def run_status(argv: list[str]) -> int:
+    from sdrun.status import main  # imports no torch: it must answer in about a second on a login node
+    return main(argv)
+
+
 COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot, "analyze": run_analyze,
-            "bench": run_bench}
+            "bench": run_bench, "status": run_status}
 
 
 def main(argv: list[str] | None = None) -> None:
