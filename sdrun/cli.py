@@ -196,13 +196,18 @@ def run_bench(argv: list[str]) -> int:
     return run_bench(argv)
 
 
+def run_report(argv: list[str]) -> int:
+    from sdrun.report_page import main
+    return main(argv)
+
+
 def run_status(argv: list[str]) -> int:
     from sdrun.status import main  # imports no torch: it must answer in about a second on a login node
     return main(argv)
 
 
 COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot, "analyze": run_analyze,
-            "bench": run_bench, "status": run_status}
+            "bench": run_bench, "status": run_status, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,7 +67,7 @@ def test_plot_from_real_runs(smoke_runs, tmp_path):
         assert (out / f"{fig}_digits_d8.pdf").read_bytes().startswith(b"%PDF")
     # Smoke runs have one pL < 1 and one depth: nothing for Fig. 8.
     reasons = [x for x in r.stderr.splitlines() if " skipped: " in x and not x.startswith("skipped ")]
-    assert [x.split(" skipped:")[0] for x in reasons] == ["Fig. 8 left", "Fig. 8 right"]
+    assert [x.split(" skipped:")[0] for x in reasons] == ["Fig. 4", "Fig. 8 left", "Fig. 8 right"]
 
 
 @pytest.mark.parametrize("command", ["table", "plot"])
