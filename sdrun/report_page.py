@@ -139,11 +139,10 @@ def build(dirs: list[str], out: Path, command: list[str]) -> tuple[Path, list[Pa
                        "--compare CONSTANT_RUN_DIR` on a run trained with checkpoint=true)")
     missing += [f"run `{s.path}`: {s.reason}" for s in skipped]
 
-    lines = [f"# Stochastic depth: results\n",
+    lines = ["# Stochastic depth: results\n",
              f"Generated {time.strftime('%Y-%m-%d %H:%M %Z')} by `{' '.join(command)}`. "
              "Errors in percent; the paper is Huang et al., *Deep Networks with Stochastic Depth*, ECCV 2016.\n",
              *what_was_run(runs, skipped, dirs),
-             "## Tables (`sdrun table`)\n",
              markdown(t1, t2, notes),
              *figure_lines]
     if found:
