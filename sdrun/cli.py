@@ -134,6 +134,7 @@ def _run_train() -> int:
 
     try:
         try:
+            check_hydra_modes(sys.argv[1:])
             _hydra_train()
         except GuardStop as stop:  # raised before Hydra wrote anything into the run directory
             raise stop.error from None
@@ -146,6 +147,22 @@ def _run_train() -> int:
         _print_error(e, sweep_note())
         return 2
     return 0
+
+
+# Hydra runs one of these modes per call and raises a bare ValueError (a traceback) on two.
+_MODES = {"-m": "-m/--multirun", "--multirun": "-m/--multirun", "-c": "--cfg", "--cfg": "--cfg",
+          "-i": "--info", "--info": "--info", "-r": "--run", "--run": "--run", "-sc": "--shell-completion",
+          "--shell-completion": "--shell-completion"}
+
+
+def check_hydra_modes(argv: list[str]) -> None:
+    from sdrun.config import ConfigError
+
+    used = list(dict.fromkeys(_MODES[a.split("=")[0]] for a in argv if a.split("=")[0] in _MODES))
+    if len(used) > 1:
+        raise ConfigError(f"{' and '.join(used)} cannot be combined (Hydra does one of them per call); to see the "
+                          "config of one job of a sweep (or its launcher settings), drop -m and give one value "
+                          "per key, e.g. sdrun train pL=0.5 seed=1 --cfg job (or --cfg hydra)")
 
 
 def sweep_note() -> str:

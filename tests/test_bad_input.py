@@ -78,6 +78,7 @@ CASES = [
     (["dataset=cifar10", "dataset.root={w}/c10", "hydra.run.dir={w}/done"], "dataset.name: 'digits' there, 'cifar10' here"),
     (["depth=14", "resume={w}/done"], "{w}/done already holds a finished run made with other settings (depth: 8 there, 14 here)"),
     (["eval_every_steps=2", "hydra.run.dir={w}/done"], "(eval_every_steps: None there, 2 here)"),
+    (["-m", "pL=0.5,1.0", "--cfg", "hydra"], "-m/--multirun and --cfg cannot be combined"),
     (["resume={w}/evil"], "refusing to load it"),
     (["resume={w}/foreign"], "is not an sdrun training checkpoint"),
     (["resume={w}/garbage"], "is not a readable checkpoint"),
