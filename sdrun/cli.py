@@ -17,7 +17,7 @@ Reproduce "Deep Networks with Stochastic Depth" (Huang et al., ECCV 2016).
 commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
   table     Tables 1 and 2 from finished runs, beside the paper's figures
-  plot      Figs. 3, 7 and 8 from finished runs (PNG and PDF)
+  plot      Figs. 3, 4, 7 and 8 from finished runs (PNG and PDF)
   status    where every run and sweep below DIR... stands: state, epoch, errors, ETA (no torch)
   report    one shareable page: REPORT.md with tables, figures, analyses and what was run
   analyze   test the implicit-ensemble claim on a trained run (sdrun analyze --help)

@@ -59,10 +59,8 @@ class Lease:
             f.close()
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            who = read_heartbeat(self.dir) or {}
-            raise Busy(f"another process is training {self.dir} right now"
-                       + (f" (pid {who.get('pid')} on {who.get('host')})" if who else "")
-                       + "; wait for it or stop it first") from None
+            refuse_if_busy(self.dir)
+            raise  # the lock was released in between: report the original error
         self._file = f
         beat = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                 "interval_s": self.interval}
@@ -95,6 +93,15 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def refuse_if_busy(run_dir: Path) -> None:
+    """Raise Busy when another process trains run_dir (checked before Hydra writes into it)."""
+    if lock_held(run_dir):
+        who = read_heartbeat(run_dir) or {}
+        raise Busy(f"another process is training {run_dir} right now"
+                   + (f" (pid {who.get('pid')} on {who.get('host')})" if who else "")
+                   + "; wait for it or stop it first")
 
 
 def read_heartbeat(run_dir: Path) -> dict | None:

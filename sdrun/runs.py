@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import pickle
 import zipfile
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain, validate
 from sdrun.io import load_checkpoint, write_json
+from sdrun.liveness import refuse_if_busy
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -127,6 +129,8 @@ class RunDirGuard(Callback):
                 with open_dict(config):
                     config.hydra.run.dir = str(resume_dir(config.resume))
             task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone will hold the lock
+                refuse_if_busy(Path(config.hydra.run.dir))  # before Hydra rewrites its .hydra/ there
             check_run_dir(Path(config.hydra.run.dir), task_cfg)
         except Exception as e:
             raise GuardStop(e) from e

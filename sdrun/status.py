@@ -278,11 +278,11 @@ def _eta(r: dict) -> str:
     return "-"
 
 
-def _rows(runs: list[dict], first: str, name) -> tuple[list[str], list[list[str]]]:
+def _rows(runs: list[dict], first: str, name, common: frozenset = frozenset()) -> tuple[list[str], list[list[str]]]:
     headers = [first, "state", "epoch", "best val %", "test @ best %", "s/epoch", "elapsed", "ETA", "note"]
     body = []
     for r in runs:
-        note = " ".join(r["overrides"])
+        note = " ".join(o for o in r["overrides"] if o not in common)
         if r["error"]:
             note = (note + " | " if note else "") + f"error: {r['error']}"
         body.append([name(r), r["state"], _epoch(r), _pct(r["best_val_error_pct"]),
@@ -306,8 +306,13 @@ def render(data: dict) -> str:
                      f" (in {hms(t['expected_finish'] - now)})")
         elif t["running"] == 0 and (t["interrupted"] or t["not_started"] or t["failed"]):
             line += "; nothing running (run the sweep command again with this hydra.sweep.dir to finish it)"
-        out += [line, tabulate(_rows(s["jobs"], "job", lambda r: "-" if r["job"] is None else str(r["job"]))[1],
-                               headers=_rows([], "job", str)[0], tablefmt="simple", disable_numparse=True), ""]
+        # The overrides every job shares once, above the table; each row shows what it sweeps.
+        common = frozenset.intersection(*(frozenset(j["overrides"]) for j in s["jobs"])) if s["jobs"] else frozenset()
+        if common and len(s["jobs"]) > 1:
+            line += "\nevery job: " + " ".join(o for o in s["jobs"][0]["overrides"] if o in common)
+        headers, body = _rows(s["jobs"], "job", lambda r: "-" if r["job"] is None else str(r["job"]),
+                              common if len(s["jobs"]) > 1 else frozenset())
+        out += [line, tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True), ""]
     if data["runs"]:
         headers, body = _rows(data["runs"], "run", lambda r: r["path"])
         counts = {k: sum(r["state"] == k for r in data["runs"]) for k in STATES}

@@ -310,7 +310,8 @@ def _train(cfg: DictConfig, run_dir: str | Path, progress: bool, lease: Lease) -
             seen, active, gate_crc = 0, 0, 0
             sync()
             t0, eval_s0 = time.perf_counter(), evaluator.seconds
-            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", postfix=clock.describe(), leave=False, disable=not (progress and ctx.is_main))
+            bar = tqdm(batches, desc=f"epoch {e}/{cfg.epochs}", postfix=clock.describe(), leave=False,
+                       disable=not (progress and ctx.is_main))
             for step, (x, y) in enumerate(bar, start=1):
                 step_gates = gates.draw()
                 with autocast(rt):

@@ -58,14 +58,15 @@ def test_status_text_after_the_kill(sweep, capsys):
     lines = out.splitlines()
     assert lines[0] == (f"sweep {root / 'sweep'}: 4 jobs: 1 finished, 1 interrupted, 1 failed, 1 not started; "
                         "nothing running (run the sweep command again with this hydra.sweep.dir to finish it)")
-    rows = {line.split()[0]: line.split() for line in lines[3:7]}
+    assert lines[1] == "every job: dataset=digits depth=8 epochs=6 max_steps_per_epoch=2 batch_size=32 eval_batch_size=512"
+    rows = {line.split()[0]: line.split() for line in lines[4:8]}
     assert rows["0"][1:3] == ["finished", "6/6"]
     assert rows["1"][1] == "failed" and "optim.lr=1e+30" in out
     assert "error: non-finite training loss at epoch 1" in out
-    assert rows["2"][1:2] == ["interrupted"] and "left)" in lines[5]
-    assert rows["3"][1:4] == ["not", "started", "0/6"] and "optim.lr=0.02" in lines[6]
+    assert rows["2"][1:2] == ["interrupted"] and "left)" in lines[6]
+    assert rows["3"][1:4] == ["not", "started", "0/6"] and rows["3"][-1] == "optim.lr=0.02"
     finished = json.loads((root / "sweep" / "0" / "results.json").read_text())
-    assert f"{finished['test_error_at_best_val_pct']:.2f}" in lines[3]
+    assert f"{finished['test_error_at_best_val_pct']:.2f}" in lines[4]
 
 
 def test_status_json_without_torch(sweep):
