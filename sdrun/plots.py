@@ -111,6 +111,7 @@ def fig4_panel(group: Group) -> bool:
 def fig4(pairs: list[list[Group]]) -> Figure | None:
     """Test error against epoch, one panel per constant/stochastic pair (SVHN, ResNet-1202)."""
     pairs = [p for p in pairs if all(series(g, lambda r: r.get("test_error_pct"))[0] for g in p)]
+    pairs.sort(key=lambda p: p[0].dataset != "svhn")  # the paper's order: SVHN left, ResNet-1202 right
     if not pairs:
         return None
     fig = Figure(figsize=(5.5 * len(pairs) + 0.5, 4.2), layout="constrained")

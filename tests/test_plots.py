@@ -121,11 +121,11 @@ def test_fig4_svhn_and_resnet1202_panels(tmp_path):
     write_run(tmp_path / "d110", depth=110, pL=1.0, metrics=curve(3, 9.0, 0.0))  # not a Fig. 4 setting
     figures, skipped = make_figures(groups_below(tmp_path))
     assert not any(s.startswith("Fig. 4") for s in skipped)
-    left, right = figures["fig4"].axes
-    assert [left.get_title(), right.get_title()] == ["cifar10, 1202 layers", "svhn, 152 layers"]
-    const, stoch = left.get_lines()
+    svhn, r1202 = figures["fig4"].axes  # the paper's order: SVHN left, ResNet-1202 right
+    assert [svhn.get_title(), r1202.get_title()] == ["svhn, 152 layers", "cifar10, 1202 layers"]
+    const, stoch = r1202.get_lines()
     assert list(const.get_ydata()) == pytest.approx([7.0 + 0.25 * e for e in range(1, 6)])
     assert list(stoch.get_xdata()) == [1, 2, 3, 4, 5] and const.get_linestyle() == "--"
-    assert list(right.get_lines()[1].get_ydata()) == pytest.approx([2.0 - 0.5 * e for e in range(1, 5)])
-    assert right.get_ylabel() == "test error (%)" and "Fig. 4" in figures["fig4"]._suptitle.get_text()
+    assert list(svhn.get_lines()[1].get_ydata()) == pytest.approx([2.0 - 0.5 * e for e in range(1, 5)])
+    assert svhn.get_ylabel() == "test error (%)" and "Fig. 4" in figures["fig4"]._suptitle.get_text()
 
