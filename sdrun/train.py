@@ -424,8 +424,8 @@ def _train(cfg: DictConfig, run_dir: str | Path, progress: bool, lease: Lease) -
         "measured_active_blocks": active_total / steps_total,
         **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
-        "device": str(rt.device), "bf16": rt.bf16,
-        "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None, "channels_last": rt.channels_last,
+        "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "config": to_plain(cfg), "versions": software_versions(),
     }
