@@ -18,7 +18,9 @@ Reproduce "Deep Networks with Stochastic Depth" (Huang et al., ECCV 2016).
 commands:
   train     train a ResNet with stochastic depth (Hydra app: sdrun train --help)
   table     Tables 1 and 2 from finished runs, beside the paper's figures
-  plot      Figs. 3, 7 and 8 from finished runs (PNG and PDF)
+  plot      Figs. 3, 4, 7 and 8 from finished runs (PNG and PDF)
+  status    where every run and sweep below DIR... stands: state, epoch, errors, ETA (no torch)
+  report    one shareable page: REPORT.md with tables, figures, analyses and what was run
   analyze   test the implicit-ensemble claim on a trained run (sdrun analyze --help)
   bench     measure the stochastic-depth saving, trainer overhead, eval speed (sdrun bench --help)
 
@@ -30,6 +32,7 @@ examples:
   sdrun train dataset=cifar10 fidelity=paper  # the paper's text instead of its reference code (conf/fidelity/)
   sdrun table multirun/ runs/ --out tables/
   sdrun plot multirun/ --out figures/
+  sdrun status multirun/ runs/ --watch 60
   sdrun analyze runs/SD_RUN --compare runs/CONSTANT_RUN
 """
 
@@ -120,6 +123,7 @@ def _run_train() -> int:
 
     try:
         try:
+            check_hydra_modes(sys.argv[1:])
             _hydra_train()
         except GuardStop as stop:  # raised before Hydra wrote anything into the run directory
             raise stop.error from None
@@ -132,6 +136,22 @@ def _run_train() -> int:
         _print_error(e, sweep_note())
         return 2
     return 0
+
+
+# Hydra runs one of these modes per call and raises a bare ValueError (a traceback) on two.
+_MODES = {"-m": "-m/--multirun", "--multirun": "-m/--multirun", "-c": "--cfg", "--cfg": "--cfg",
+          "-i": "--info", "--info": "--info", "-r": "--run", "--run": "--run", "-sc": "--shell-completion",
+          "--shell-completion": "--shell-completion"}
+
+
+def check_hydra_modes(argv: list[str]) -> None:
+    from sdrun.config import ConfigError
+
+    used = list(dict.fromkeys(_MODES[a.split("=")[0]] for a in argv if a.split("=")[0] in _MODES))
+    if len(used) > 1:
+        raise ConfigError(f"{' and '.join(used)} cannot be combined (Hydra does one of them per call); to see the "
+                          "config of one job of a sweep (or its launcher settings), drop -m and give one value "
+                          "per key, e.g. sdrun train pL=0.5 seed=1 --cfg job (or --cfg hydra)")
 
 
 def sweep_note() -> str:
@@ -170,8 +190,18 @@ def run_bench(argv: list[str]) -> int:
     return run_bench(argv)
 
 
+def run_report(argv: list[str]) -> int:
+    from sdrun.report_page import main
+    return main(argv)
+
+
+def run_status(argv: list[str]) -> int:
+    from sdrun.status import main  # imports no torch: it must answer in about a second on a login node
+    return main(argv)
+
+
 COMMANDS = {"train": run_train, "table": run_table, "plot": run_plot, "analyze": run_analyze,
-            "bench": run_bench}
+            "bench": run_bench, "status": run_status, "report": run_report}
 
 
 def main(argv: list[str] | None = None) -> None:

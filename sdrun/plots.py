@@ -1,6 +1,8 @@
 """`sdrun plot`: the paper's Figs. 3, 7 and 8 from the user's runs, as PNG and PDF.
 
 Fig. 3        test error and training loss against epoch, constant vs stochastic depth
+Fig. 4        test error against epoch, constant vs stochastic depth, for SVHN and for
+              ResNet-1202 on CIFAR-10 (one panel each, side by side when both are there)
 Fig. 7        mean |gradient| of the first block's first convolution against epoch, lr drops marked
 Fig. 8 left   test error against pL, linear decay vs uniform, with the constant-depth level
 Fig. 8 right  heatmap of test error over pL and depth
@@ -103,6 +105,32 @@ def fig3(pair: list[Group]) -> Figure | None:
     return fig
 
 
+def fig4_panel(group: Group) -> bool:
+    """The settings of the paper's Fig. 4: SVHN (ResNet-152 there), and ResNet-1202 on CIFAR-10."""
+    return group.dataset == "svhn" or (group.dataset == "cifar10" and group.depth == 1202)
+
+
+def fig4(pairs: list[list[Group]]) -> Figure | None:
+    """Test error against epoch, one panel per constant/stochastic pair (SVHN, ResNet-1202)."""
+    pairs = [p for p in pairs if all(series(g, lambda r: r.get("test_error_pct"))[0] for g in p)]
+    pairs.sort(key=lambda p: p[0].dataset != "svhn")  # the paper's order: SVHN left, ResNet-1202 right
+    if not pairs:
+        return None
+    fig = Figure(figsize=(5.5 * len(pairs) + 0.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(pairs), squeeze=False)[0]
+    for ax, pair in zip(axes, pairs):
+        for g in pair:
+            _curve(ax, g, lambda r: r.get("test_error_pct"))
+        g = pair[0]
+        ax.set(xlabel="epoch", ylabel="test error (%)",
+               title=f"{g.dataset}, {g.depth} layers" + (f"\n({g.variant})" if g.variant else ""))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Fig. 4: test error during training, constant vs stochastic depth (mean ± std over seeds)")
+    return fig
+
+
 def fig7(pair: list[Group]) -> Figure | None:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -190,6 +218,10 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
         figures[unique] = fig
 
     found = defaultdict(int)
+    fig = fig4([p for p in (_paper_pair(gs) for gs in cohorts(groups).values()) if p and fig4_panel(p[0])])
+    if fig is not None:
+        found["fig4"] += 1
+        add("fig4", fig)
     for (dataset, depth, _), gs in cohorts(groups).items():
         pair = _paper_pair(gs)
         if pair:
@@ -223,6 +255,8 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
     reasons = {
         "fig3": "Fig. 3 skipped: needs constant-depth (pL=1) and stochastic (linear, pL=0.5) runs "
                 "of the same dataset, depth and recipe, with their metrics.jsonl",
+        "fig4": "Fig. 4 skipped: needs constant-depth (pL=1) and stochastic (linear, pL=0.5) runs on svhn "
+                "or of depth 1202 on cifar10, with their metrics.jsonl",
         "fig7": f"Fig. 7 skipped: no constant/stochastic pair of runs has '{GRAD_KEY}' in its metrics.jsonl "
                 "(per-block gradient magnitudes, from a trainer that logs them)",
         "fig8_pL": "Fig. 8 left skipped: needs runs at two or more pL < 1 with one survival rule "
@@ -240,7 +274,7 @@ def _safe(stem: str) -> str:
 
 def main(argv: list[str]) -> int:
     parser = ArgParser(prog="sdrun plot", description=(
-        "The paper's Figs. 3, 7 and 8 (left and right) from finished runs below the given directories, "
+        "The paper's Figs. 3, 4, 7 and 8 (left and right) from finished runs below the given directories, "
         "as PNG and PDF in --out."))
     parser.add_argument("dirs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
     parser.add_argument("--out", type=Path, required=True, help="directory for the figures")

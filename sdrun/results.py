@@ -37,9 +37,10 @@ KEYS = (
 TOP5_KEYS = ("test_top5_error_at_best_val_pct", "final_test_top5_error_pct")
 
 
-def read_status(run_dir: Path) -> str | None:
-    """results.json's status ("finished"), or None where there is no readable results.json."""
+def read_results(run_dir: Path) -> dict:
+    """A run's results.json, or {} where there is no readable one."""
     try:
-        return json.loads((Path(run_dir) / RESULTS).read_text()).get("status")
-    except (FileNotFoundError, json.JSONDecodeError, OSError, AttributeError):
-        return None
+        results = json.loads((Path(run_dir) / RESULTS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return {}
+    return results if isinstance(results, dict) else {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain, validate
 from sdrun.errors import one_line
 from sdrun.files import write_json
-from sdrun.results import FINISHED, RESULTS, read_status
+from sdrun.liveness import refuse_if_busy
+from sdrun.results import FINISHED, RESULTS, read_results
 from sdrun.state import CHECKPOINT, CheckpointError, SavedRun
+
 
 class AlreadyFinished(Exception):
     """The run directory holds a finished run: nothing to do (requeue-friendly, exit 0)."""
@@ -42,7 +45,17 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> SavedRun | None:
     """
     run_dir = Path(run_dir)
     results = run_dir / RESULTS
-    if read_status(run_dir) == FINISHED:
+    finished = read_results(run_dir)
+    if finished.get("status") == FINISHED:
+        # Only the same settings may exit 0 (a requeued job, a re-run script); other settings
+        # would make a script believe a run it asked for is done.
+        saved = finished.get("config")
+        if not isinstance(saved, dict) and (run_dir / CHECKPOINT).is_file():
+            saved = SavedRun.load(run_dir / CHECKPOINT).config
+        diffs = config_differences(saved, to_plain(cfg)) if isinstance(saved, dict) else []
+        if diffs:
+            raise CheckpointError(f"{run_dir} already holds a finished run made with other settings "
+                                  f"({'; '.join(diffs)}); pick another hydra.run.dir for these settings")
         raise AlreadyFinished(f"{run_dir} already holds a finished run ({results}); nothing to do. "
                               f"Pick another hydra.run.dir to train again.")
     ckpt_path = run_dir / CHECKPOINT
@@ -60,7 +73,9 @@ def resume_dir(resume: str) -> Path:
     """`resume=PATH`: a run directory or its checkpoint.pt; the run continues in that directory."""
     path = Path(resume)
     run_dir = path.parent if path.name == CHECKPOINT or path.is_file() else path
-    if not (run_dir / CHECKPOINT).is_file():
+    # A finished run without a checkpoint (checkpoint=false) is accepted: check_run_dir then
+    # says it is done, or names the settings that differ.
+    if not ((run_dir / CHECKPOINT).is_file() or (run_dir / RESULTS).is_file()):
         raise ConfigError(f"resume={resume}: no {CHECKPOINT} there")
     return run_dir
 
@@ -83,6 +98,8 @@ class RunDirGuard(Callback):
                 with open_dict(config):
                     config.hydra.run.dir = str(resume_dir(config.resume))
             task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone will hold the lock
+                refuse_if_busy(Path(config.hydra.run.dir))  # before Hydra rewrites its .hydra/ there
             check_run_dir(Path(config.hydra.run.dir), task_cfg)
         except Exception as e:
             raise GuardStop(e) from e

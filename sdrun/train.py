@@ -32,9 +32,11 @@ from sdrun import distributed, fidelity
 from sdrun.batches import build_run_data
 from sdrun.config import ConfigError, to_plain, validate
 from sdrun.errors import UserError
+from sdrun.eta import EpochClock
 from sdrun.evaluation import Evaluator
 from sdrun.files import append_jsonl, rewrite_jsonl, write_json
 from sdrun.gradstats import GradStats
+from sdrun.liveness import Lease
 from sdrun.models import model_for
 from sdrun.optim import make_optimizer, set_lr
 from sdrun.results import FINISHED, HEADLINE, RESULTS
@@ -44,7 +46,7 @@ from sdrun.runtime import (Runtime, autocast, device_info, fp32_math, resolve_ru
                            synchronize)
 from sdrun.schedule import lr_at
 from sdrun.speed import compile_branches
-from sdrun.state import CHECKPOINT, TrainState
+from sdrun.state import CHECKPOINT, SavedRun, TrainState
 from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard, log_epoch
 
@@ -175,6 +177,15 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     saved = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
+    with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
+        if ctx.is_main:
+            lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
+        return run_training(cfg, run_dir, saved, ctx, progress)
+
+
+def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: distributed.Context,
+                 progress: bool) -> dict:
+    """Data, model, optimiser, then the epochs; `saved`: the checkpoint to resume from, or None."""
     rt = resolve_runtime(cfg)
     rt.device = distributed.place(rt.device, ctx)
     seed_global(cfg.seed)
@@ -208,6 +219,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     log_start(cfg, run_dir, model, rt, ctx, data, expected_depth)
 
     wall_start = time.perf_counter()
+    clock = EpochClock(cfg.epochs, state.epoch, (state.last_record or {}).get("elapsed_s", 0.0))  # elapsed, ETA
     with StopSignals() as stop:
         for epoch in range(state.epoch, cfg.epochs):
             e = epoch + 1  # 1-based epoch number used in logs, metrics and TensorBoard
@@ -215,8 +227,8 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             set_lr(state.optimizer, lr)
             synchronize(rt.device)
             t0, eval_s0 = time.perf_counter(), evaluator.seconds
-            with tqdm(total=len(state.batches), desc=f"epoch {e}/{cfg.epochs}", leave=False,
-                      disable=not (progress and ctx.is_main)) as bar:
+            with tqdm(total=len(state.batches), desc=f"epoch {e}/{cfg.epochs}", postfix=clock.describe(),
+                      leave=False, disable=not (progress and ctx.is_main)) as bar:
                 stats = train_epoch(net, state, rt, ctx, evaluator, grad_stats, stop, bar)
             if stop.received is not None:
                 # Abandon the partial epoch: resuming redoes it from the last checkpoint, which
@@ -241,15 +253,16 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
             evaluated = evaluator.run(state.step, e, epoch_end=True)
             state.best = evaluator.best
             record = epoch_record(cfg, e, state.step, lr, stats, epoch_time, evaluated, grad_stats, epoch)
+            record.update(clock.tick(e))  # elapsed_s, eta_s (wall clock)
             state.last_record = record
             if ctx.is_main:
                 board.write_epoch(record, e, grad_stats)
                 log_epoch(board.writer, record, expected_depth)  # flushes the event file
             log.info("epoch %d/%d | lr %.4g | train loss %.4f err %.2f%% | val %s | test %.2f%% | %.1fs %.0f img/s"
-                     " | blocks %.2f/%.2f", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
+                     " | blocks %.2f/%.2f | %s", e, cfg.epochs, lr, record["train_loss"], record["train_error_pct"],
                      "-" if record["val_error_pct"] is None else f"{record['val_error_pct']:.2f}%",
                      record["test_error_pct"], epoch_time, record["images_per_s"], record["active_blocks_mean"],
-                     expected_depth)
+                     expected_depth, clock.describe())
             # metrics.jsonl first, checkpoint second: a kill in between leaves a line that the
             # resumed run drops (it resumes from the previous checkpoint and redoes the epoch).
             if ctx.is_main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def world(tmp_path_factory) -> Path:
     w = tmp_path_factory.mktemp("world")
     r = run_sdrun("train", *BASE, "hydra.run.dir=own", cwd=w)
     assert r.returncode == 0, r.stderr
+    shutil.copytree(w / "own", w / "done")  # a finished run (results.json and checkpoint)
     (w / "own" / "results.json").unlink()  # now it is a resumable, unfinished run
     r = run_sdrun("train", *BASE, "depth=14", "hydra.run.dir=deeper", cwd=w)
     assert r.returncode == 0, r.stderr
@@ -74,6 +76,11 @@ CASES = [
     (["resume={w}/nowhere"], "no checkpoint.pt there"),
     (["resume={w}/deeper/checkpoint.pt"], "belongs to another config (depth: 14 there, 8 here)"),
     (["depth=20", "hydra.run.dir={w}/own"], "belongs to another config (depth: 8 there, 20 here)"),
+    # A finished run re-run with other settings: refused with the differing keys, not "done".
+    (["dataset=cifar10", "dataset.root={w}/c10", "hydra.run.dir={w}/done"], "dataset.name: 'digits' there, 'cifar10' here"),
+    (["depth=14", "resume={w}/done"], "{w}/done already holds a finished run made with other settings (depth: 8 there, 14 here)"),
+    (["eval_every_steps=2", "hydra.run.dir={w}/done"], "(eval_every_steps: None there, 2 here)"),
+    (["-m", "pL=0.5,1.0", "--cfg", "hydra"], "-m/--multirun and --cfg cannot be combined"),
     (["resume={w}/evil"], "refusing to load it"),
     (["resume={w}/foreign"], "is not an sdrun training checkpoint"),
     (["resume={w}/garbage"], "is not a readable checkpoint"),
@@ -105,3 +112,12 @@ def test_bad_invocation(world, args, expected):
         if data_error and (path.parts[-2:-1] == (".hydra",) or path.name == "train.log"):
             continue
         assert after.get(path) == content, f"{path} changed"
+
+
+@pytest.mark.parametrize("where", ["hydra.run.dir={w}/done", "resume={w}/done"])
+def test_finished_run_with_the_same_settings_is_done_and_untouched(world, where):
+    before = snapshot(world)
+    r = run_sdrun("train", *BASE, where.format(w=world), cwd=world)
+    assert r.returncode == 0, r.stderr
+    assert "already holds a finished run" in r.stderr and "nothing to do" in r.stderr
+    assert snapshot(world) == before

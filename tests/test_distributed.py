@@ -25,7 +25,8 @@ HERE = Path(__file__).parent
 RUN = ["dataset=digits", "depth=14", "epochs=2", "max_steps_per_epoch=4", "batch_size=32",
        "eval_batch_size=512", "pL=0.5"]
 LOSS_RTOL = 0.02  # measured: at most 0.6 % per step over these 8 steps (per-rank BatchNorm statistics)
-WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_per_epoch_s", "wall_time_s"}
+WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_per_epoch_s", "wall_time_s",
+              "elapsed_s", "eta_s"}
 
 
 def env() -> dict:
@@ -94,7 +95,7 @@ def test_loss_curve_matches_one_process_over_the_global_batch(runs):
 def test_only_rank_zero_writes_one_run_directory(runs):
     run = runs / "ddp" / "run"
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
-        ".hydra", "checkpoint.pt", "metrics.jsonl", "results.json", "train.log"]
+        ".hydra", ".sdrun.lock", "checkpoint.pt", "metrics.jsonl", "results.json", "train.log"]
     assert len(list(run.glob("events.out.tfevents.*"))) == 1
     assert len(read_jsonl(run / "metrics.jsonl")) == 2
     results = json.loads((run / "results.json").read_text())

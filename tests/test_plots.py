@@ -64,7 +64,8 @@ def test_fig7_is_skipped_with_a_reason_without_gradient_logs(tmp_path):
     figures, skipped = make_figures(groups)
     assert list(figures) == ["fig3_cifar10_d110"]
     assert any(s.startswith("Fig. 7 skipped:") and "grad_mean_abs" in s for s in skipped)
-    assert len(skipped) == 3 and all("\n" not in s for s in skipped)
+    assert any(s.startswith("Fig. 4 skipped: needs constant-depth (pL=1) and stochastic") for s in skipped)
+    assert len(skipped) == 4 and all("\n" not in s for s in skipped)
 
 
 def test_fig8_left_error_vs_pL_per_rule_with_constant_level(tmp_path):
@@ -109,3 +110,22 @@ def test_fig8_right_heatmap_over_pL_and_depth(tmp_path):
     figures, skipped = make_figures(groups)
     assert list(figures) == ["fig8_heatmap_cifar10_linear"]
     assert any(s.startswith("Fig. 3 skipped:") and "metrics.jsonl" in s for s in skipped)  # no curves here
+
+
+def test_fig4_svhn_and_resnet1202_panels(tmp_path):
+    for pL, start in ((1.0, 3.0), (0.5, 2.0)):
+        write_run(tmp_path / f"svhn_{pL}", dataset="svhn", depth=152, num_blocks=75, pL=pL, epochs=4, error=start,
+                  metrics=curve(4, start, -0.5))
+        write_run(tmp_path / f"r1202_{pL}", depth=1202, num_blocks=600, pL=pL, epochs=5, error=start + 4,
+                  metrics=curve(5, start + 4, 0.25))
+    write_run(tmp_path / "d110", depth=110, pL=1.0, metrics=curve(3, 9.0, 0.0))  # not a Fig. 4 setting
+    figures, skipped = make_figures(groups_below(tmp_path))
+    assert not any(s.startswith("Fig. 4") for s in skipped)
+    svhn, r1202 = figures["fig4"].axes  # the paper's order: SVHN left, ResNet-1202 right
+    assert [svhn.get_title(), r1202.get_title()] == ["svhn, 152 layers", "cifar10, 1202 layers"]
+    const, stoch = r1202.get_lines()
+    assert list(const.get_ydata()) == pytest.approx([7.0 + 0.25 * e for e in range(1, 6)])
+    assert list(stoch.get_xdata()) == [1, 2, 3, 4, 5] and const.get_linestyle() == "--"
+    assert list(svhn.get_lines()[1].get_ydata()) == pytest.approx([2.0 - 0.5 * e for e in range(1, 5)])
+    assert svhn.get_ylabel() == "test error (%)" and "Fig. 4" in figures["fig4"]._suptitle.get_text()
+

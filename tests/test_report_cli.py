@@ -1,6 +1,7 @@
 """sdrun table and sdrun plot through the console script, on real runs of the smoke preset."""
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -67,7 +68,44 @@ def test_plot_from_real_runs(smoke_runs, tmp_path):
         assert (out / f"{fig}_digits_d8.pdf").read_bytes().startswith(b"%PDF")
     # Smoke runs have one pL < 1 and one depth: nothing for Fig. 8.
     reasons = [x for x in r.stderr.splitlines() if " skipped: " in x and not x.startswith("skipped ")]
-    assert [x.split(" skipped:")[0] for x in reasons] == ["Fig. 8 left", "Fig. 8 right"]
+    assert [x.split(" skipped:")[0] for x in reasons] == ["Fig. 4", "Fig. 8 left", "Fig. 8 right"]
+
+
+def test_report_page_holds_sdrun_tables_tables_figures_and_analyses(smoke_runs, tmp_path, capsys):
+    from sdrun.report import main as table_main
+    from sdrun.report_page import main as report_main
+
+    root = tmp_path / "runs"
+    shutil.copytree(smoke_runs, root)  # the analysis added below stays out of the other tests
+    analysis = root / "runs" / "single" / "analysis"  # `sdrun analyze`'s output, in its format
+    analysis.mkdir()
+    (analysis / "analysis.json").write_text(json.dumps({"command": ["sdrun", "analyze"], "runs": []}))
+    (analysis / "report.txt").write_text("test-time rule        12.34\n")
+    Image.new("RGB", (8, 8)).save(analysis / "ensemble.png")
+    dirs = [str(root / "sweep"), str(root / "runs")]
+
+    assert table_main(dirs) == 0
+    tables = capsys.readouterr().out
+    out = tmp_path / "report"
+    assert report_main([*dirs, "--out", str(out)]) == 0
+    page = (out / "REPORT.md").read_text()
+    assert tables.strip() in page  # the very tables `sdrun table` prints
+    assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "analysis1_ensemble.png", "fig3_digits_d8.png",
+                                                     "fig7_digits_d8.png", "tables"]
+    for name in ("fig3_digits_d8.png", "fig7_digits_d8.png", "analysis1_ensemble.png"):
+        assert f"]({name})" in page
+    versions = results(smoke_runs)[0]["versions"]
+    for line in ("- **Runs**: 5 finished below", "- **Seeds**: 1 2 3", "- **Device**: cpu", "- **Precision**: float32",
+                 f"torch {versions['torch']}", "- **Training time** (training passes only, all runs): "):
+        assert line in page, line
+    assert "test-time rule        12.34" in page
+    not_shown = page.split("## Not shown")[1]
+    assert "- Fig. 4 skipped: " in not_shown and "- Fig. 8 left skipped: " in not_shown
+    assert f"- run `{root / 'runs' / 'killed'}`: unfinished: no results.json" in not_shown
+    assert "sdrun analyze" not in not_shown  # it was found
+    capsys.readouterr()
+    assert report_main([str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"sdrun report: error: {tmp_path / 'missing'} is not a directory\n"
 
 
 @pytest.mark.parametrize("command", ["table", "plot"])

@@ -21,7 +21,8 @@ from tests.conftest import SDRUN, read_jsonl, run_sdrun
 
 RUN = ["dataset=digits", "depth=8", "epochs=4", "max_steps_per_epoch=4", "batch_size=32",
        "eval_batch_size=512"]
-WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_per_epoch_s", "wall_time_s"}
+WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_per_epoch_s", "wall_time_s",
+              "elapsed_s", "eta_s"}
 
 # Runs the real trainer in a child process whose N-th checkpoint write kills the process
 # with SIGKILL: before anything is written (mode "before") or after the temporary file is
