@@ -17,7 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdrun.collect import FinishedRun, NoRuns, RunsError, find_runs, group_runs, read_metrics
+from sdrun.collect import (FinishedRun, NoRuns, RunsError, find_runs, group_runs, read_metrics,
+                           resolved_precision)
 from sdrun.errors import ArgParser
 from sdrun.report import markdown, table1_rows, table2_rows, write_outputs
 
@@ -34,12 +35,6 @@ def _gpu(results: dict) -> str | None:
     """The GPU's name: results.json's `hardware` (sdrun.runtime.device_info) on CUDA runs."""
     hardware = results.get("hardware") or {}
     return hardware.get("name") if hardware.get("type") == "cuda" else None
-
-
-def _precision(results: dict) -> str:
-    if results.get("precision"):  # recorded by trainers that know it
-        return str(results["precision"])
-    return "bf16 autocast" if results.get("bf16") else "float32"
 
 
 def _setting(results: dict) -> str:
@@ -76,7 +71,7 @@ def what_was_run(runs: list[FinishedRun], skipped: list, dirs: list[str]) -> lis
         f"- **Epochs**: {_counts(x['epochs'] for x in r)}",
         f"- **Device**: {_counts(x.get('device', '?') for x in r)}"
         + (f"; GPU: {_counts(_gpu(x) for x in r if _gpu(x))}" if any(_gpu(x) for x in r) else ""),
-        f"- **Precision**: {_counts(_precision(x) for x in r)}",
+        f"- **Precision**: {_counts(resolved_precision(x) for x in r)}",
         f"- **Training time** (training passes only, all runs): {duration(sum(x['train_time_s'] for x in r))}",
     ]
     if None not in walls:

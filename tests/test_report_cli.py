@@ -95,7 +95,7 @@ def test_report_page_holds_sdrun_tables_tables_figures_and_analyses(smoke_runs, 
     for name in ("fig3_digits_d8.png", "fig7_digits_d8.png", "analysis1_ensemble.png"):
         assert f"]({name})" in page
     versions = results(smoke_runs)[0]["versions"]
-    for line in ("- **Runs**: 5 finished below", "- **Seeds**: 1 2 3", "- **Device**: cpu", "- **Precision**: float32",
+    for line in ("- **Runs**: 5 finished below", "- **Seeds**: 1 2 3", "- **Device**: cpu", "- **Precision**: fp32",
                  f"torch {versions['torch']}", "- **Training time** (training passes only, all runs): "):
         assert line in page, line
     assert "test-time rule        12.34" in page
