@@ -65,7 +65,7 @@ def _hydra_train() -> None:
             raise SystemExit(128 + e.signum) from None  # the shell's convention
         except _user_errors() as e:
             if not multirun:  # a run that never completed an epoch leaves its directory as it found it
-                undo_failed_start()
+                undo_failed_start(e)
             # In a sweep, raise: Hydra finishes the other jobs, then reports which one failed.
             if multirun or _USER_FULL_ERROR:
                 raise

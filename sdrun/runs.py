@@ -270,12 +270,15 @@ def close_log_files(run_dir: Path) -> None:
                 handler.close()
 
 
-def undo_failed_start() -> None:
+def undo_failed_start(error: BaseException) -> None:
     """A single run stopped by bad input before its first epoch completed: leave its directory
-    as it was found (removed if this run created it). Called by the CLI on a user error."""
+    as it was found (removed if this run created it). Called by the CLI on a user error.
+
+    A non-finite loss is not bad input but what training produced: that run did start, and
+    keeps its directory (train.log) like any run that failed while training."""
     global RUN_START
     snapshot, RUN_START = RUN_START, None
-    if snapshot is not None:
+    if snapshot is not None and not isinstance(error, FloatingPointError):
         snapshot.undo()
 
 

@@ -47,19 +47,19 @@ def test_sweep_over_a_missing_dataset_launches_nothing(tmp_path):
 
 
 def test_check_projects_the_run_and_writes_nothing(tmp_path):
-    r = run_sdrun("train", *TINY, "check=true", cwd=tmp_path)
+    r = run_sdrun("train", *TINY, "batch_size=8", "check=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for expected in ("digits (embedded): 1237 train / 200 val / 360 test images", "L = 3 blocks",
                      "p_1 = 0.8333 ... p_L = 0.5000; expected active blocks 2.00 of 3",
-                     "2 epochs x 3 steps (batch 32) = 6 steps", "mean of 10 real steps after 3 warm-up",
+                     "2 epochs x 3 steps (batch 8) = 6 steps", "mean of 10 real steps after 3 warm-up",
                      "of training for the whole run (steps x step time; evaluation and checkpoints excluded)"):
         assert expected in out, out
     assert list(tmp_path.iterdir()) == []
 
 
 def test_check_under_multirun_projects_the_sweep_and_writes_nothing(tmp_path):
-    r = run_sdrun("train", "-m", *TINY, "seed=1,2", "check=true", cwd=tmp_path)
+    r = run_sdrun("train", "-m", *TINY, "batch_size=8", "seed=1,2", "check=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "pre-flight: 2 jobs composed and checked" in r.stdout
     assert "\njob 0 (seed=1)\n" in r.stdout and "\njob 1 (seed=2)\n" in r.stdout
