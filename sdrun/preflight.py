@@ -259,7 +259,7 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
         f"{'on' if rt.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "
         f"loader {cfg.dataset.loader}",
         f"schedule    {epochs_left} epochs x {spe} steps (batch {cfg.batch_size}) = {total_steps} steps; {schedule}",
-        f"step time   {timing.step_s * 1e3:.1f} ms (mean of {TIMED_STEPS} real steps after {WARMUP_STEPS} warm-up; "
+        f"step time   {f'{timing.step_s * 1e3:.1f} ms' if timing.step_s < 1 else f'{timing.step_s:.2f} s'} (mean of {TIMED_STEPS} real steps after {WARMUP_STEPS} warm-up; "
         f"{timing.active_mean:.1f} blocks ran per timed step, {expected:.1f} expected); peak memory {timing.peak_memory}",
         f"projected   {hours(seconds)} of training for the whole run (steps x step time; evaluation and "
         f"checkpoints excluded)",
