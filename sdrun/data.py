@@ -154,8 +154,13 @@ def find_data(cfg) -> str | None:
 
         cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
         if cifar_format(cfg) == "imagefolder":
-            folders = [root / "train", root / "test"]
-            if any(not f.is_dir() or not any(c.is_dir() for c in f.iterdir()) for f in folders):
+            def has_classes(folder: Path) -> bool:
+                try:
+                    return any(c.is_dir() for c in folder.iterdir())
+                except OSError:  # absent, not a folder, not readable
+                    return False
+
+            if not all(has_classes(root / split) for split in ("train", "test")):
                 return (f"{cfg.name}: expected image folders {root}/train/<class>/*.png|jpg and "
                         f"{root}/test/<class>/...; set dataset.root")
             return None

@@ -27,7 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdrun.config import ConfigError, flatten, to_plain, validate
-from sdrun.errors import one_line, print_error
+from sdrun.errors import UserError, one_line, print_error
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 WARMUP_STEPS = 3   # excluded from the timing: allocator, cuDNN autotuning, lazy initialisation
@@ -303,7 +303,12 @@ def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=sys.stdou
         key = repr(sorted((k, v) for k, v in flatten(to_plain(cfg)).items() if k not in ("seed", "check")))
         shared = timings.get(key)
         if shared is None:
-            shared = timings[key] = (*time_steps(cfg, out), name)
+            try:
+                shared = timings[key] = (*time_steps(cfg, out), name)
+            except UserError as e:  # data that is there but unreadable, found when it is read
+                if name is None:
+                    raise
+                raise ConfigError(f"{name}: {one_line(e)}") from None
         facts, timing, timed_as = shared
         lines, seconds = describe(cfg, facts, timing, left)
         if timed_as != name:
