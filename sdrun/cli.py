@@ -52,7 +52,7 @@ def _hydra_train() -> None:
 
         from sdrun.launchers import job_resources
         from sdrun.results import HEADLINE
-        from sdrun.runs import AlreadyFinished
+        from sdrun.runs import AlreadyFinished, undo_failed_start
         from sdrun.train import Interrupted, train
 
         hc = HydraConfig.get()
@@ -68,6 +68,8 @@ def _hydra_train() -> None:
             print(f"sdrun train: {e}", file=sys.stderr)
             raise SystemExit(128 + e.signum) from None  # the shell's convention
         except _user_errors() as e:
+            if not multirun:  # a run that never completed an epoch leaves its directory as it found it
+                undo_failed_start(e)
             # In a sweep, raise: Hydra finishes the other jobs, then reports which one failed.
             if multirun or _USER_FULL_ERROR:
                 raise

@@ -218,6 +218,9 @@ class TrainConfig:
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
     resume: Optional[str] = None  # a run dir or its checkpoint.pt: continue that run in place
     log: LogConfig = field(default_factory=LogConfig)
+    # check=true: build everything up to the first step, time a few steps, print the setting and
+    # the projected training time, write nothing and exit 0 (also with -m; sdrun/preflight.py)
+    check: bool = False
 
 
 def register_configs() -> None:
@@ -293,7 +296,7 @@ def validate(cfg: DictConfig | Any) -> None:
 
 # Settings that may differ between the attempts of one run (or between runs that are
 # averaged together) without changing its numbers.
-RUNTIME_ONLY = frozenset({"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume",
+RUNTIME_ONLY = frozenset({"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume", "check",
                           "dataset.root", "dataset.download", "dataset.check_md5"})
 
 

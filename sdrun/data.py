@@ -98,9 +98,7 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
 
     cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
     root = Path(cfg.root)
-    fmt = str(cfg.format)
-    if fmt == "auto":
-        fmt = "imagefolder" if (root / "train").is_dir() and not (root / cls.base_folder).is_dir() else "pickle"
+    fmt = cifar_format(cfg)
     if fmt == "imagefolder":
         if not (root / "train").is_dir() or not (root / "test").is_dir():
             raise DataError(f"{cfg.name}: expected image folders {root}/train/<class>/*.png|jpg and "
@@ -124,6 +122,68 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
         raise DataError(f"cannot read {cfg.name}: {where} is not a CIFAR pickle batch "
                         f"({type(e).__name__}: {e})") from None
     return _nhwc_to_split(train.data, train.targets), _nhwc_to_split(test.data, test.targets), list(train.classes)
+
+
+def cifar_format(cfg) -> str:
+    """dataset.format with `auto` decided: imagefolder when root/train exists and the pickle folder does not."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    fmt, root = str(cfg.format), Path(cfg.root)
+    if fmt != "auto":
+        return fmt
+    base = (CIFAR10 if cfg.name == "cifar10" else CIFAR100).base_folder
+    return "imagefolder" if (root / "train").is_dir() and not (root / base).is_dir() else "pickle"
+
+
+def find_data(cfg) -> str | None:
+    """Why the dataset `cfg` (a DatasetConfig) cannot be read, judged from the files the
+    readers above will open (present and readable), without reading them; None if it looks
+    usable. Cheap enough to run for every job of a sweep before the first one starts
+    (sdrun.preflight); content errors (a truncated file, a wrong checksum) surface when the
+    job reads the data."""
+    import os
+
+    def missing(paths: list[Path]) -> list[Path]:
+        return [p for p in paths if not os.access(p, os.R_OK)]
+
+    root = Path(cfg.root)
+    if cfg.download or cfg.name == "digits":  # digits ship with scikit-learn; downloads happen in the job
+        return None
+    if cfg.name in ("cifar10", "cifar100"):
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
+        if cifar_format(cfg) == "imagefolder":
+            def has_classes(folder: Path) -> bool:
+                try:
+                    return any(c.is_dir() for c in folder.iterdir())
+                except OSError:  # absent, not a folder, not readable
+                    return False
+
+            if not all(has_classes(root / split) for split in ("train", "test")):
+                return (f"{cfg.name}: expected image folders {root}/train/<class>/*.png|jpg and "
+                        f"{root}/test/<class>/...; set dataset.root")
+            return None
+        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        absent = missing([root / cls.base_folder / f for f in files])
+        if absent:
+            return (f"{cfg.name} not found under {root}/{cls.base_folder} (missing or unreadable: "
+                    f"{', '.join(p.name for p in absent)}; set dataset.root=DIR, or dataset.download=true "
+                    f"where the network allows)")
+        return None
+    if cfg.name == "svhn":
+        absent = missing([root / f"{split}_32x32.mat" for split in ("train", "extra", "test")])
+        if absent:
+            return (f"svhn: {', '.join(str(p) for p in absent)} missing or unreadable (needs train_32x32.mat, "
+                    f"extra_32x32.mat, test_32x32.mat; set dataset.root=DIR)")
+        return None
+    if cfg.name == "imagenet":
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                return (f"imagenet: expected the folder {root / split}/<wnid>/*.JPEG (the usual "
+                        f"ImageFolder layout); set dataset.root")
+        return None
+    return f"unknown dataset {cfg.name!r}"
 
 
 def _first_unreadable_pickle(folder: Path, files: list[str]) -> Path | None:

@@ -44,7 +44,18 @@ def world(tmp_path_factory) -> Path:
     write_cifar_pickles(w / "c10")
     write_cifar_pickles(w / "c10bad")
     (w / "c10bad" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    # A resumable CIFAR run whose data then goes missing, and a reused directory without a run.
+    r = run_sdrun("train", *BASE, *C10RUN, f"dataset.root={w}/c10", "hydra.run.dir=c10run", cwd=w)
+    assert r.returncode == 0, r.stderr
+    (w / "c10run" / "results.json").unlink()
+    (w / "reused" / ".hydra").mkdir(parents=True)
+    (w / "reused" / ".hydra" / "config.yaml").write_text("an earlier attempt's config\n")
+    (w / "reused" / "train.log").write_text("an earlier attempt's log\n")
+    (w / "reused" / "notes.txt").write_text("the user's own file\n")
     return w
+
+
+C10RUN = ["dataset=cifar10", "dataset.check_md5=false", "dataset.val_size=20"]
 
 
 CASES = [
@@ -73,6 +84,10 @@ CASES = [
     (["dataset=cifar10", "dataset.root={w}/c10bad", "dataset.check_md5=false", "hydra.run.dir={w}/new"],
      "data_batch_3"),
     (["dataset.val_size=5000", "hydra.run.dir={w}/new"], "dataset.val_size=5000 leaves no training images"),
+    (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new/deeper"], "cifar-10-batches-py"),
+    # data missing in a directory that holds files (left byte-identical) and for a resume
+    (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/reused"], "cifar-10-batches-py"),
+    ([*C10RUN, "dataset.root={w}/nowhere", "hydra.run.dir={w}/c10run"], "cifar-10-batches-py"),
     (["resume={w}/nowhere"], "no checkpoint.pt there"),
     (["resume={w}/deeper/checkpoint.pt"], "belongs to another config (depth: 14 there, 8 here)"),
     (["depth=20", "hydra.run.dir={w}/own"], "belongs to another config (depth: 8 there, 20 here)"),
@@ -104,14 +119,11 @@ def test_bad_invocation(world, args, expected):
     assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
     assert err.startswith("sdrun train: error: ") and expected.format(w=w) in err, err
     assert not (w / "pwned").exists()  # the hostile checkpoint never ran its payload
-    after = snapshot(w)
-    # Existing runs are untouched: training outputs always; for errors caught before the job
-    # starts (all but the data errors), Hydra's own .hydra/ snapshot and log too.
-    data_error = any(a.startswith(("dataset.root", "dataset.val_size")) for a in args)
-    for path, content in before.items():
-        if data_error and (path.parts[-2:-1] == (".hydra",) or path.name == "train.log"):
-            continue
-        assert after.get(path) == content, f"{path} changed"
+    # Nothing changed: errors caught before the job starts touch nothing; a job that stops on
+    # bad input before its first epoch removes the directory it created (new/, new/deeper/) or
+    # puts back what Hydra wrote into an existing one (.hydra/, train.log).
+    assert snapshot(w) == before
+    assert not (w / "new").exists() and not (w / "runs").exists()
 
 
 @pytest.mark.parametrize("where", ["hydra.run.dir={w}/done", "resume={w}/done"])

@@ -13,7 +13,7 @@ import pytest
 from hydra.types import RunMode
 
 from sdrun.launchers import available_cores, gpu_slot
-from tests.conftest import TINY, run_sdrun
+from tests.conftest import TINY, run_sdrun, write_cifar_pickles
 
 SWEEP = [*TINY, "epochs=1", "max_steps_per_epoch=2", "seed=1,2"]
 
@@ -41,11 +41,16 @@ def test_two_job_sweep_lands_where_runs_are_found(tmp_path, launcher):
 
 
 def test_failed_job_in_a_parallel_sweep_is_named_and_the_other_kept(tmp_path):
-    r = run_sdrun("train", "-m", *TINY, "epochs=1", "max_steps_per_epoch=2", "depth=8,9",
+    # A failure the pre-flight cannot foresee: job 1's data files are all there, one is truncated.
+    write_cifar_pickles(tmp_path / "good")
+    write_cifar_pickles(tmp_path / "bad")
+    (tmp_path / "bad" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    r = run_sdrun("train", "-m", "dataset=cifar10", "dataset.check_md5=false", "dataset.val_size=20", "depth=8",
+                  "epochs=1", "max_steps_per_epoch=2", "batch_size=32", "checkpoint=false", "dataset.root=good,bad",
                   "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("sdrun train: error: depth=9 is not 6n+2") and "1 of 2 jobs failed: job 1" in line
+    assert line.startswith("sdrun train: error: cannot read cifar10") and "1 of 2 jobs failed: job 1" in line
     summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
     assert [(j["num"], j["status"]) for j in summary["jobs"]] == [(0, "finished"), (1, "failed")]
     assert (tmp_path / "sweep" / "0" / "results.json").is_file()
