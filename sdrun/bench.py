@@ -44,7 +44,8 @@ from sdrun.models import build_model
 from sdrun.rng import derive_seed, seed_global
 from sdrun.speed import compile_branches
 from sdrun.stochastic import GateSampler, expected_active_blocks, survival_probs
-from sdrun.train import autocast, evaluate, make_optimizer, resolve_runtime, software_versions, train
+from sdrun.optim import make_optimizer
+from sdrun.train import autocast, evaluate, resolve_runtime, software_versions, train
 
 CIFAR_TRAIN_IMAGES = 45_000
 PAPER_EPOCHS = 500

@@ -36,6 +36,7 @@ from sdrun.evaluation import Evaluator
 from sdrun.gradstats import GradStats
 from sdrun.io import append_jsonl, rewrite_jsonl, save_checkpoint, write_json
 from sdrun.models import build_model
+from sdrun.optim import make_optimizer  # noqa: F401 (re-exported: sdrun.train.make_optimizer)
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
 from sdrun.speed import compile_branches
@@ -85,20 +86,6 @@ def lr_at(epoch: int, optim: DictConfig) -> float:
     if epoch < optim.warmup_epochs:
         return optim.warmup_lr
     return optim.lr * optim.gamma ** sum(epoch >= m for m in optim.milestones)
-
-
-def make_optimizer(model: torch.nn.Module, optim: DictConfig) -> torch.optim.SGD:
-    """SGD as in the reference code: Nesterov, dampening 0, weight decay on every parameter.
-
-    Every parameter gets a zero gradient tensor up front and gradients are zeroed in place
-    (never set to None), so a dropped block still receives weight decay and momentum on
-    the steps it is skipped, as the Lua reference's optimizer did.
-    """
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, dampening=0.0,
-                           weight_decay=optim.weight_decay, nesterov=optim.nesterov)
 
 
 @torch.inference_mode()
