@@ -110,6 +110,10 @@ _USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def run_train(argv: list[str]) -> int:
+    from sdrun.speed import legacy_override
+    if legacy_override(argv):  # the removed compile= setting: say what replaced it
+        print(f"sdrun train: error: {legacy_override(argv)}", file=sys.stderr)
+        return 2
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]
 

@@ -39,7 +39,7 @@ from sdrun.models import build_model
 from sdrun.optim import make_optimizer  # noqa: F401 (re-exported: sdrun.train.make_optimizer)
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runs import CHECKPOINT, check_run_dir
-from sdrun.speed import compile_branches
+from sdrun.speed import apply_speed
 from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard
 
@@ -216,8 +216,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL,
                         cfg.survival.value, cfg.model.scaling.value, cfg.model.shortcut_pool)
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
-    if cfg.compile:
-        compile_branches(model)
+    speed = apply_speed(model, cfg.speed, rt.device, ctx.world_size)  # eager | compile | graphs (sdrun.speed)
     optimizer = make_optimizer(model, cfg.optim)
     gates = GateSampler(model.survival_probs, derive_seed(cfg.seed, "gates"))
     num_blocks = len(model.survival_probs)
@@ -399,7 +398,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
         "measured_active_blocks": active_total / steps_total,
         **({"test_top5_error_at_best_val_pct": evaluator.best["test_top5_error_pct"],
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
-        "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last,
+        "device": str(rt.device), "bf16": rt.bf16, "channels_last": rt.channels_last, "speed": speed,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "config": to_plain(cfg), "versions": software_versions(),
     }
