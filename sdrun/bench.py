@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from sdrun.bench_concurrent import ConcurrentFailure, run_concurrent
 from sdrun.config import ConfigError, Toggle, register_configs
 from sdrun.data import Normalizer, Split, eval_batches
 from sdrun.io import save_checkpoint
@@ -444,7 +445,12 @@ def run_bench(argv: list[str]) -> int:
                 print(f"compile  ResNet-{a.depth} {name}: {run['images_per_s']:.0f} img/s, "
                       f"500 CIFAR epochs in {run['projected_500_epochs_h']:.2f} h", flush=True)
         save()  # after every section, so an interrupted run keeps what it measured
-    run_speed_sections(a, rt, results, save)
+    try:
+        run_speed_sections(a, rt, results, save)
+    except ConcurrentFailure as e:  # a concurrent process failed (out of memory, ...): say which, keep the rest
+        save()
+        print(f"sdrun bench: error: {e}", file=sys.stderr)
+        return 1
     save()
     print(f"wrote {a.out}")
     return 0
@@ -464,14 +470,13 @@ def speed_problem(a, rt) -> str | None:
 
 def run_speed_sections(a, rt, results: dict, save) -> None:
     """--speed and --concurrent (issue 13), after the other sections."""
-    from sdrun.bench_concurrent import run_concurrent
-
     if a.speed:
         r = results["speed"] = bench_speed(rt, a, a.speed.split(","))
         print_speed(r)
         save()
     if a.concurrent:
-        results["concurrent"] = run_concurrent(a.concurrent, a, str(rt.device), rt.device.type)
+        results["concurrent"] = {}  # filled K by K, so a failure keeps the Ks measured before it
+        run_concurrent(a.concurrent, a, str(rt.device), rt.device.type, results["concurrent"])
         save()
 
 

@@ -24,6 +24,10 @@ PAPER_EPOCHS = 500
 TABLE1_RUNS = 6  # Table 1, CIFAR-10: the paper's runs per dataset
 
 
+class ConcurrentFailure(RuntimeError):
+    """A process of a concurrent measurement failed; the message names K and the error."""
+
+
 def _worker(settings: dict, barrier, results, index: int) -> None:
     import torch
 
@@ -56,6 +60,8 @@ def _worker(settings: dict, barrier, results, index: int) -> None:
 
 def measure(k: int, settings: dict, device_type: str) -> dict:
     ctx = multiprocessing.get_context("spawn" if device_type == "cuda" else "fork")
+    if device_type != "cuda":
+        import sdrun.bench  # noqa: F401 (imported once here, inherited by the forked processes)
     barrier = ctx.Barrier(k)
     results = ctx.Queue()
     per = dict(settings, threads=max(1, settings["cores"] // k))
@@ -76,7 +82,8 @@ def measure(k: int, settings: dict, device_type: str) -> dict:
             p.kill()
     errors = [r["error"] for r in got if "error" in r]
     if errors or len(got) < k:
-        raise RuntimeError(f"concurrent K={k}: " + ("; ".join(errors) or f"only {len(got)} of {k} processes reported"))
+        raise ConcurrentFailure(f"concurrent K={k}: " + ("; ".join(e.splitlines()[0] for e in errors)
+                                                        or f"only {len(got)} of {k} processes reported"))
     got.sort(key=lambda r: r["index"])
     aggregate = sum(r["images_per_s"] for r in got)
     return {"k": k, "processes": got, "aggregate_images_per_s": aggregate,
@@ -86,14 +93,14 @@ def measure(k: int, settings: dict, device_type: str) -> dict:
             "projected_500_epochs_one_run_h": PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / (aggregate / k) / 3600}
 
 
-def run_concurrent(ks: list[int], a, device: str, device_type: str) -> dict:
-    """One measurement per K, in order; speed-up of the aggregate over K = 1 when measured."""
+def run_concurrent(ks: list[int], a, device: str, device_type: str, out: dict) -> dict:
+    """One measurement per K, in order, into `out`; speed-up of the aggregate over K = 1 when measured."""
     # The host threads the K processes share: --threads if given, else every core of this process.
     cores = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     settings = {"device": device, "depth": a.depth, "pL": a.concurrent_pL, "batch_size": a.batch_size,
                 "speed": a.concurrent_speed, "warmup": a.warmup + (a.compile_warmup if a.concurrent_speed != "eager" else 0),
                 "window_s": a.window, "chunk": a.chunk, "barrier_timeout_s": a.barrier_timeout, "cores": cores}
-    out = {"settings": settings, "runs": {}}
+    out.update(settings=settings, runs={})
     for k in ks:
         r = out["runs"][str(k)] = measure(k, settings, device_type)
         base = out["runs"].get("1")

@@ -92,3 +92,12 @@ def test_speed_and_concurrent_sections_in_process(tmp_path, capsys):
         assert not (tmp_path / "x.json").exists()  # refused before anything ran
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_failing_concurrent_process_is_named_not_waited_for():
+    from sdrun.bench_concurrent import ConcurrentFailure, measure
+
+    settings = {"device": "cpu", "depth": 9, "pL": 0.5, "batch_size": 4, "speed": "eager", "warmup": 1,
+                "window_s": 0.1, "chunk": 1, "barrier_timeout_s": 30, "cores": 1}
+    with pytest.raises(ConcurrentFailure, match=r"concurrent K=2: ValueError: depth must be 6n\+2"):
+        measure(2, settings, "cpu")
