@@ -16,6 +16,7 @@ Tolerances (relative L2 norm over all parameters, ||fast - eager|| / ||eager||):
   statistics update, a wrong gradient) moves parameters by 1e-2 or more.
 - fused vs foreach SGD: 1e-6 after 20 steps of random gradients (last-bit rounding of a
   contracted multiply-add per step).
+- the trainer (sdrun.train) with speed=graphs vs eager: per-epoch metrics within 1e-4.
 """
 
 from __future__ import annotations
@@ -165,3 +166,33 @@ def test_fused_sgd_matches_foreach_on_cuda():
             opts[impl].step()
     assert opts["fused"].param_groups[0]["fused"] is True
     assert rel(list(models["foreach"].parameters()), list(models["fused"].parameters())) <= 1e-6
+
+
+def test_trainer_with_graphs_matches_eager(tmp_path):
+    """The whole trainer path with speed=graphs (device data path, an epoch's smaller last
+    batch, gradient statistics, evaluation in eval mode between epochs, checkpoints) against
+    speed=eager: per-epoch losses and errors within 1e-4 relative (deterministic=true: the
+    same kernels; the trainer's precision, whichever it is, is the same in both)."""
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    from sdrun.config import register_configs
+    from sdrun.train import train
+
+    register_configs()
+    rows = {}
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        for mode in ("eager", "graphs"):
+            with initialize_config_module(config_module="sdrun.conf", version_base="1.3"):
+                cfg = compose("train", overrides=["dataset=digits", "depth=20", "epochs=3", "device=cuda",
+                                                  "deterministic=true", f"speed={mode}"])
+            results = train(cfg, tmp_path / mode)
+            assert results["speed"] == mode
+            rows[mode] = [json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)  # train() set it for the process
+    for e, g in zip(rows["eager"], rows["graphs"]):
+        for key in ("train_loss", "train_error_pct", "val_error_pct", "test_error_pct"):
+            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (e["epoch"], key)
