@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 13 on a GPU: is speed=graphs (and compile) exact and how fast, and what does sharing
 # one GPU between K training processes buy? Writes into OUT_DIR as it goes, so a time-out
-# still leaves the finished parts. Meant to run after scripts/gpu_acceptance.sh has made
-# sdrun importable (its wheels step), or anywhere sdrun and a CUDA torch are installed.
+# still leaves the finished parts. Where hydra/omegaconf/sdrun are not importable (the bare
+# H200 machine), it installs gpu_bundle/wheels/*.whl (scripts/gpu_bundle.sh, carried with
+# the call) into a temp target, as scripts/gpu_acceptance.sh does, and runs everything from a
+# work folder against that installed sdrun (its config tree as packaged).
 #
 #   scripts/gpu_speed.sh OUT_DIR
 #
@@ -13,7 +15,18 @@
 set -u
 OUT=${1:?usage: scripts/gpu_speed.sh OUT_DIR}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sdrun_speed.XXXXXX")
+if ! "$PY" -c "import hydra, omegaconf, sdrun.conf" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+        "$REPO"/gpu_bundle/wheels/*.whl >"$OUT/install.txt" 2>&1 || { echo "install failed: $OUT/install.txt"; exit 1; }
+    export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+cp "$REPO/tests/test_cuda_speed.py" "$WORK/"  # standalone: imports only sdrun
+cd "$WORK"
+export PYTHONUNBUFFERED=1
 run() {  # run NAME SECONDS CMD...: output to OUT/NAME.txt, one status line to OUT/status.txt
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
@@ -23,7 +36,7 @@ run() {  # run NAME SECONDS CMD...: output to OUT/NAME.txt, one status line to O
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
 
 # 1. graphs vs eager over 50 steps (same gates), fused vs foreach SGD: the exactness tolerances
-run cuda_tests_graphs 240 $PY -m pytest -m cuda -q -rs tests/test_cuda_speed.py -k "not compile"
+run cuda_tests_graphs 240 $PY -m pytest -m cuda -q -rs test_cuda_speed.py -p no:cacheprovider -k "not compile"
 # 2. eager vs graphs: ms/step, img/s, projected 500-epoch minutes, SD/constant ratio
 run bench_speed 300 $PY -m sdrun bench --device cuda --speed eager,graphs --steps 20 --repeats 5 \
     --compile-warmup 10 --out "$OUT/bench_speed.json"
@@ -33,7 +46,7 @@ run bench_concurrent 400 $PY -m sdrun bench --device cuda --concurrent 1,2,4,8 -
 run bench_concurrent_graphs 400 $PY -m sdrun bench --device cuda --concurrent 1,4,8 --window 10 \
     --concurrent-speed graphs --out "$OUT/bench_concurrent_graphs.json"
 # 4. the slow ones: per-branch compile against eager, and its speed
-run cuda_tests_compile 400 $PY -m pytest -m cuda -q -rs tests/test_cuda_speed.py -k compile
+run cuda_tests_compile 400 $PY -m pytest -m cuda -q -rs test_cuda_speed.py -p no:cacheprovider -k compile
 run bench_speed_compile 400 $PY -m sdrun bench --device cuda --speed eager,compile --steps 20 --repeats 5 \
     --compile-warmup 20 --out "$OUT/bench_speed_compile.json"
 tail -n 3 "$OUT"/*.txt
