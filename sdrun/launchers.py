@@ -213,8 +213,10 @@ def job_resources(cfg, hydra_cfg) -> Iterator[None]:
     threads = threads_per_job(launcher, num_gpus)
     if threads is not None:
         torch.set_num_threads(threads)
-    # Slots only where jobs of this machine share its GPUs (SLURM and submitit give each job its own).
-    if num_gpus == 0 or "JoblibLauncher" not in str(launcher.get("_target_", "")):
+    # Joblib: K slots per GPU, even with one GPU (more jobs than slots wait). Other launchers:
+    # one job per GPU where a job sees several (SLURM gives each job its own, so it sees one).
+    joblib = "JoblibLauncher" in str(launcher.get("_target_", ""))
+    if num_gpus == 0 or (num_gpus == 1 and not joblib):
         yield
         return
     with gpu_slot(Path(hydra_cfg.sweep.dir), num_gpus, per_gpu=jobs_per_gpu(launcher)) as index:
