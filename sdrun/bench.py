@@ -14,6 +14,11 @@ Sections (--sections, all by default; `compile` only on CUDA unless asked for):
   compile   eager vs per-branch torch.compile, p_L = 1.0 and 0.5: images/s and the projected
             time of the paper's 500 CIFAR epochs (45k images each, training only).
   deep      `sd` and `eval` for ResNet-1202 with fewer steps.
+Asked for by option (then only these, unless --sections is given too):
+  --speed eager,compile,graphs   each speed= mode at p_L 1.0 and 0.5: step time, images/s,
+            the projected 500 CIFAR epochs, the SD/constant step ratio (sdrun.speed).
+  --concurrent 1,2,4,8           aggregate images/s of K concurrent training processes on the
+            device, a fixed timed window after a common start (sdrun.bench_concurrent).
 Peak memory: CUDA max_memory_allocated per measurement; on the CPU the process's peak RSS
 (monotone over the run, so only an upper bound for the later sections).
 """
@@ -36,6 +41,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from sdrun.bench_concurrent import ConcurrentFailure, run_concurrent
 from sdrun.config import ConfigError, OptimConfig, Toggle, register_configs
 from sdrun.data import Normalizer, Split, eval_batches
 from sdrun.errors import ArgParser
@@ -46,7 +52,7 @@ from sdrun.optim import make_optimizer
 from sdrun.rng import derive_seed, seed_global
 from sdrun.runtime import device_info, resolve_runtime, software_versions
 from sdrun.runtime import synchronize as sync
-from sdrun.speed import compile_branches
+from sdrun.speed import apply_speed
 from sdrun.stochastic import GateSampler, expected_active_blocks, survival_probs
 from sdrun.train import evaluate, train, train_step
 
@@ -83,13 +89,12 @@ class Stepper:
     """A model, its optimiser, its gate sampler and one pre-made batch: the trainer's own
     `train_step` (gradient statistics included), without data path, evaluation or logging."""
 
-    def __init__(self, depth: int, p_last: float, rt, batch_size: int, seed: int = 1, compile: bool = False):
+    def __init__(self, depth: int, p_last: float, rt, batch_size: int, seed: int = 1, speed: str = "eager"):
         seed_global(seed)
         self.rt = rt
         fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
         self.model = build_model("cifar_resnet", depth, 10, p_last, "linear").to(rt.device, memory_format=fmt)
-        if compile:
-            compile_branches(self.model)
+        apply_speed(self.model, speed, rt.device)  # eager | compile | graphs (sdrun.speed)
         self.optimizer = make_optimizer(self.model, OmegaConf.structured(OptimConfig))  # the paper's SGD
         self.grad_stats = GradStats(self.model)
         self.gates = GateSampler(self.model.survival_probs, derive_seed(seed, "gates"))
@@ -235,7 +240,7 @@ def bench_overhead(rt, a) -> dict:
 
 def bench_compile(rt, a) -> dict:
     """Eager vs per-branch compiled, constant depth vs stochastic depth; projected 500 epochs."""
-    steppers = {f"{mode} pL={p}": Stepper(a.depth, p, rt, a.batch_size, compile=mode == "compiled")
+    steppers = {f"{mode} pL={p}": Stepper(a.depth, p, rt, a.batch_size, speed="compile" if mode == "compiled" else "eager")
                 for mode in ("eager", "compiled") for p in (1.0, 0.5)}
     t0 = time.perf_counter()
     for s in steppers.values():  # compile every branch shape before timing
@@ -250,6 +255,46 @@ def bench_compile(rt, a) -> dict:
             "ratio_sd_over_constant_compiled":
                 res["compiled pL=0.5"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
             **peak_memory(rt.device)}
+
+
+def bench_speed(rt, a, modes: list[str]) -> dict:
+    """`--speed eager,compile,graphs`: each mode at p_L = 1.0 and 0.5, interleaved; per mode the
+    step time, images/s, the projected 500 CIFAR epochs and the SD/constant step ratio."""
+    steppers = {f"{mode} pL={p}": Stepper(a.depth, p, rt, a.batch_size, speed=mode) for mode in modes for p in (1.0, 0.5)}
+    t0 = time.perf_counter()
+    for s in steppers.values():  # compile every branch shape / capture every graph before timing
+        s.steps(a.compile_warmup)
+    warm_s = time.perf_counter() - t0
+    res = interleaved(steppers, a.steps, a.repeats, 0)
+    modes_out = {}
+    for mode in modes:
+        const, sd = res[f"{mode} pL=1.0"], res[f"{mode} pL=0.5"]
+        modes_out[mode] = {
+            "step_s_pL=1.0": const["step_s_median"], "step_s_pL=0.5": sd["step_s_median"],
+            "images_per_s_pL=1.0": const["images_per_s"], "images_per_s_pL=0.5": sd["images_per_s"],
+            "projected_500_epochs_min_pL=0.5": PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / sd["images_per_s"] / 60,
+            "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
+            "theory_for_timed_gates": sd["active_blocks_mean"] / sd["num_blocks"]}
+    return {"depth": a.depth, "batch_size": a.batch_size, "modes": modes_out, "runs": res,
+            "warmup_and_capture_s": warm_s, **peak_memory(rt.device)}
+
+
+def print_speed(r: dict) -> None:
+    for mode, m in r["modes"].items():
+        print(f"speed    ResNet-{r['depth']} {mode:8s}: pL=0.5 {1000 * m['step_s_pL=0.5']:.1f} ms/step "
+              f"{m['images_per_s_pL=0.5']:.0f} img/s, pL=1.0 {1000 * m['step_s_pL=1.0']:.1f} ms/step; "
+              f"SD/constant {m['ratio_sd_over_constant']:.3f} (blocks run {m['theory_for_timed_gates']:.3f}); "
+              f"500 CIFAR epochs (pL=0.5) in {m['projected_500_epochs_min_pL=0.5']:.1f} min", flush=True)
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every K must be at least 1")
+    return ks
 
 
 # ---------------------------------------------------------------- command
@@ -293,6 +338,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
                    help="training arithmetic of every section (auto: tf32 on CUDA, fp32 on the CPU)")
+    p.add_argument("--speed", default=None, metavar="MODES",
+                   help="the speed section for these modes, e.g. eager,compile,graphs (graphs: CUDA only)")
+    p.add_argument("--concurrent", type=int_list, default=None, metavar="KS",
+                   help="aggregate images/s of K concurrent training processes on the device, e.g. 1,2,4,8")
+    p.add_argument("--concurrent-speed", default="eager", help="speed mode of the concurrent processes")
+    p.add_argument("--concurrent-pL", type=float, default=0.5, help="p_L of the concurrent processes")
+    p.add_argument("--window", type=float, default=20.0, help="concurrent: seconds every process trains, timed")
+    p.add_argument("--chunk", type=int, default=10, help="concurrent: steps between device synchronisations")
+    p.add_argument("--barrier-timeout", type=float, default=600.0,
+                   help="concurrent: seconds to wait for every process to finish its warm-up")
     p.add_argument("--out", default="bench.json", help="where the JSON report goes")
     a = p.parse_args(argv)
     for name in ("steps", "repeats", "deep_steps", "deep_repeats", "trainer_steps", "trainer_repeats",
@@ -301,7 +356,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.trainer_steps > 9:
         p.error("--trainer-steps must be at most 9 (the embedded digits give 9 full batches of 128)")
+    check_speed_options(p, a)
     return a
+
+
+def check_speed_options(p, a) -> None:
+    """--speed and --concurrent: modes known, window and chunk positive."""
+    from sdrun.config import Speed
+
+    modes = a.speed.split(",") if a.speed else []
+    for mode in modes + [a.concurrent_speed]:
+        if mode not in [s.value for s in Speed]:
+            p.error(f"unknown speed mode {mode!r} (choose from {', '.join(s.value for s in Speed)})")
+    if a.window <= 0 or a.chunk < 1:
+        p.error("--window must be positive and --chunk at least 1")
 
 
 def run_bench(argv: list[str]) -> int:
@@ -313,7 +381,12 @@ def run_bench(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"sdrun bench: error: {e}", file=sys.stderr)
         return 2
+    if speed_problem(a, rt):
+        print(f"sdrun bench: error: {speed_problem(a, rt)}", file=sys.stderr)
+        return 2
     wanted = a.sections.split(",") if a.sections else [s for s in SECTIONS if s != "compile" or rt.device.type == "cuda"]
+    if (a.speed or a.concurrent) and not a.sections:  # asked for these: only these
+        wanted = []
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         print(f"sdrun bench: error: unknown section(s) {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})",
@@ -363,9 +436,39 @@ def run_bench(argv: list[str]) -> int:
                 print(f"compile  ResNet-{a.depth} {name}: {run['images_per_s']:.0f} img/s, "
                       f"500 CIFAR epochs in {run['projected_500_epochs_h']:.2f} h", flush=True)
         save()  # after every section, so an interrupted run keeps what it measured
+    try:
+        run_speed_sections(a, rt, results, save)
+    except ConcurrentFailure as e:  # a concurrent process failed (out of memory, ...): say which, keep the rest
+        save()
+        print(f"sdrun bench: error: {e}", file=sys.stderr)
+        return 1
     save()
     print(f"wrote {a.out}")
     return 0
+
+
+def speed_problem(a, rt) -> str | None:
+    """A speed mode this device cannot run (graphs on the CPU), found before anything runs."""
+    from sdrun.speed import resolve_speed
+
+    try:
+        for mode in (a.speed.split(",") if a.speed else []) + ([a.concurrent_speed] if a.concurrent else []):
+            resolve_speed(mode, rt.device)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def run_speed_sections(a, rt, results: dict, save) -> None:
+    """--speed and --concurrent (issue 13), after the other sections."""
+    if a.speed:
+        r = results["speed"] = bench_speed(rt, a, a.speed.split(","))
+        print_speed(r)
+        save()
+    if a.concurrent:
+        results["concurrent"] = {}  # filled K by K, so a failure keeps the Ks measured before it
+        run_concurrent(a.concurrent, a, str(rt.device), rt.device.type, results["concurrent"])
+        save()
 
 
 def print_sd(r: dict) -> None:

@@ -133,6 +133,14 @@ class Arch(Choice):
     imagenet_resnet = "imagenet_resnet"  # ResNet-18/34/50/101/152
 
 
+class Speed(Choice):
+    """How each residual branch runs on the device (see sdrun.speed)."""
+    auto = "auto"          # eager for now, CPU and CUDA alike: no GPU has measured the others yet
+    eager = "eager"        # plain PyTorch
+    compile = "compile"    # torch.compile per branch (inductor)
+    graphs = "graphs"      # a CUDA graph per branch and input shape, forward and backward (CUDA only)
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING           # cifar10 | cifar100 | digits | svhn | imagenet
@@ -205,7 +213,7 @@ class TrainConfig:
     eval_precision: EvalPrecision = EvalPrecision.same  # same = as training
     channels_last: Toggle = Toggle.auto  # auto = on (measured faster on CUDA and CPU: sdrun bench)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
-    compile: bool = False         # torch.compile each residual branch separately (sdrun.speed)
+    speed: Speed = Speed.auto     # auto | eager | compile | graphs: how the branches run (sdrun.speed)
     sync_bn: bool = False         # torchrun runs: SyncBatchNorm (CUDA only) instead of per-process BN statistics
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
@@ -290,14 +298,17 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append("dataset.color_jitter and dataset.lighting must be >= 0 (0 = off)")
     if device_problem(cfg.device):
         problems.append(device_problem(cfg.device))
+    if cfg.speed == Speed.graphs and cfg.device == "cpu":
+        problems.append("speed=graphs needs a CUDA device (it captures CUDA graphs); use speed=eager or compile on the CPU")
     if problems:
         raise ConfigError("; ".join(problems))
 
 
 # Settings that may differ between the attempts of one run (or between runs that are
-# averaged together) without changing its numbers.
+# averaged together) without changing its numbers. speed changes only the rounding (as
+# device does); "compile" is its predecessor, still in older checkpoints and results.
 RUNTIME_ONLY = frozenset({"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume", "check",
-                          "dataset.root", "dataset.download", "dataset.check_md5"})
+                          "dataset.root", "dataset.download", "dataset.check_md5", "speed", "compile"})
 
 
 def flatten(plain: dict, prefix: str = "") -> dict:

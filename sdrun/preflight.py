@@ -178,7 +178,7 @@ def time_steps(cfg: DictConfig, out=sys.stdout) -> tuple[dict, Timing]:
     from sdrun.rng import derive_seed, seed_global
     from sdrun.runtime import resolve_runtime, synchronize
     from sdrun.schedule import lr_at
-    from sdrun.speed import compile_branches
+    from sdrun.speed import apply_speed
     from sdrun.stochastic import GateSampler
     from sdrun.train import EpochStats, train_step
 
@@ -189,8 +189,7 @@ def time_steps(cfg: DictConfig, out=sys.stdout) -> tuple[dict, Timing]:
     load_s = time.perf_counter() - t0
     model = model_for(cfg).to(rt.device, memory_format=torch.channels_last if rt.channels_last
                               else torch.preserve_format)
-    if cfg.compile:
-        compile_branches(model)
+    apply_speed(model, cfg.speed, rt.device)  # check=true runs in one process
     optimizer = make_optimizer(model, cfg.optim)
     set_lr(optimizer, lr_at(0, cfg.optim))
     gates = GateSampler(model.survival_probs, derive_seed(cfg.seed, "gates"))
@@ -256,7 +255,7 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
         f"survival    {cfg.survival}: p_1 = {probs[0]:.4f} ... p_L = {probs[-1]:.4f}; expected active blocks "
         f"{expected:.2f} of {L} ({100 * expected / L:.1f} %)",
         f"device      {rt.device} ({device}), precision {rt.precision} (eval {rt.eval_precision}), channels_last "
-        f"{'on' if rt.channels_last else 'off'}, compile {'on' if cfg.compile else 'off'}, "
+        f"{'on' if rt.channels_last else 'off'}, speed {cfg.speed}, "
         f"loader {cfg.dataset.loader}",
         f"schedule    {epochs_left} epochs x {spe} steps (batch {cfg.batch_size}) = {total_steps} steps; {schedule}",
         f"step time   {f'{timing.step_s * 1e3:.1f} ms' if timing.step_s < 1 else f'{timing.step_s:.2f} s'} (mean of {TIMED_STEPS} real steps after {WARMUP_STEPS} warm-up; "

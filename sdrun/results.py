@@ -29,7 +29,8 @@ KEYS = (
     "expected_active_blocks", "measured_active_blocks",
     "device", "precision", "eval_precision",  # resolved (never "auto"): fp32 | tf32 | bf16
     "fp32_math", "hardware",        # TF32 flags in force (CUDA); GPU name, count, driver, cuDNN (or the CPU)
-    "channels_last", "world_size", "cpu_threads",
+    "channels_last", "speed",       # speed: the resolved speed= mode (eager | compile | graphs)
+    "world_size", "cpu_threads",
     "config",                       # the full resolved config (plain data)
     "versions",                     # software versions
 )

@@ -45,7 +45,7 @@ from sdrun.runs import check_run_dir
 from sdrun.runtime import (Runtime, autocast, device_info, fp32_math, resolve_runtime, software_versions,
                            synchronize)
 from sdrun.schedule import lr_at
-from sdrun.speed import compile_branches
+from sdrun.speed import apply_speed
 from sdrun.state import CHECKPOINT, SavedRun, TrainState
 from sdrun.stochastic import GateSampler, expected_active_blocks
 from sdrun.tblog import RunBoard, log_epoch
@@ -193,8 +193,7 @@ def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: di
     data = build_run_data(cfg, rt.device, rt.channels_last, ctx)
     model = model_for(cfg).to(rt.device, memory_format=torch.channels_last if rt.channels_last
                               else torch.preserve_format)
-    if cfg.compile:
-        compile_branches(model)
+    speed = apply_speed(model, cfg.speed, rt.device, ctx.world_size)  # eager | compile | graphs (sdrun.speed)
     state = TrainState(model, make_optimizer(model, cfg.optim), GateSampler(model.survival_probs,
                        derive_seed(cfg.seed, "gates")), data.train_batches, data.normalizer)
     evaluator = Evaluator(lambda name: evaluate(model, data.eval_sets[name](), rt, ctx),
@@ -274,7 +273,7 @@ def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: di
                 raise Interrupted(f"stopped by {signal.Signals(stop.received).name} after epoch {e}; "
                                   f"run the same command again to resume.", stop.received)
 
-    results = run_results(cfg, state, evaluator, rt, ctx, expected_depth, time.perf_counter() - wall_start)
+    results = run_results(cfg, state, evaluator, rt, ctx, expected_depth, time.perf_counter() - wall_start, speed)
     if ctx.is_main:
         write_json(run_dir / RESULTS, results)
         board.close(results)
@@ -343,7 +342,7 @@ def epoch_record(cfg: DictConfig, e: int, step: int, lr: float, stats: EpochStat
 
 
 def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Runtime, ctx: distributed.Context,
-                expected_depth: float, wall_time_s: float) -> dict:
+                expected_depth: float, wall_time_s: float, speed: str) -> dict:
     """results.json (its keys: sdrun.results.KEYS)."""
     best, record = evaluator.best, state.last_record
     return {
@@ -363,7 +362,7 @@ def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Ru
             "final_test_top5_error_pct": record["test_top5_error_pct"]} if cfg.dataset.top5 else {}),
         "device": str(rt.device), "precision": rt.precision, "eval_precision": rt.eval_precision,
         "fp32_math": fp32_math() if rt.device.type == "cuda" else None, "hardware": device_info(rt.device),
-        "channels_last": rt.channels_last,
+        "channels_last": rt.channels_last, "speed": speed,
         "world_size": ctx.world_size, "cpu_threads": torch.get_num_threads(),
         "fidelity": fidelity.summary(cfg),  # which preset the paper-vs-reference choices match
         "config": to_plain(cfg), "versions": software_versions(),

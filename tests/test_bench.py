@@ -55,3 +55,51 @@ def test_bench_sections_and_bad_arguments(tmp_path):
         r = run_sdrun("bench", *SMALL, *bad, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, bad
         assert r.stderr.startswith("sdrun bench: error:") and len(r.stderr.strip().splitlines()) == 1, bad
+
+
+def test_speed_and_concurrent_sections_in_process(tmp_path, capsys):
+    """--speed and --concurrent alone run only those sections; K real processes per K (forked
+    on the CPU), their rates summed; graphs on the CPU and a bad K are one-line errors."""
+    import torch
+
+    from sdrun.bench import run_bench
+
+    threads = torch.get_num_threads()
+    tiny = ["--device", "cpu", "--depth", "8", "--batch-size", "8", "--steps", "1", "--repeats", "2",
+            "--warmup", "1", "--compile-warmup", "1", "--threads", "1", "--window", "0.3", "--chunk", "1"]
+    try:
+        out = tmp_path / "b.json"
+        assert run_bench([*tiny, "--speed", "eager", "--concurrent", "1,2", "--out", str(out)]) == 0
+        res = json.loads(out.read_text())["results"]
+        assert set(res) == {"speed", "concurrent"}
+        eager = res["speed"]["modes"]["eager"]
+        assert eager["ratio_sd_over_constant"] == pytest.approx(eager["step_s_pL=0.5"] / eager["step_s_pL=1.0"])
+        assert eager["projected_500_epochs_min_pL=0.5"] == pytest.approx(500 * 45_000 / eager["images_per_s_pL=0.5"] / 60)
+        runs = res["concurrent"]["runs"]
+        assert sorted(runs) == ["1", "2"] and [len(runs[k]["processes"]) for k in ("1", "2")] == [1, 2]
+        for r in runs.values():
+            assert all(p["images"] > 0 and p["seconds"] >= 0.3 for p in r["processes"])  # the whole window
+            assert r["aggregate_images_per_s"] == pytest.approx(sum(p["images_per_s"] for p in r["processes"]))
+        assert runs["1"]["speedup_over_one"] == 1.0 and res["concurrent"]["best_k"] in (1, 2)
+        assert "concurrent K=2" in capsys.readouterr().out
+
+        for bad in (["--speed", "graphs"], ["--concurrent", "0"], ["--speed", "warp"], ["--concurrent", "1,x"]):
+            capsys.readouterr()
+            try:
+                code = run_bench([*tiny, *bad, "--out", str(tmp_path / "x.json")])
+            except SystemExit as e:  # argparse's errors
+                code = e.code
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith("sdrun bench: error:") and len(err.strip().splitlines()) == 1, bad
+        assert not (tmp_path / "x.json").exists()  # refused before anything ran
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failing_concurrent_process_is_named_not_waited_for():
+    from sdrun.bench_concurrent import ConcurrentFailure, measure
+
+    settings = {"device": "cpu", "depth": 9, "pL": 0.5, "batch_size": 4, "speed": "eager", "warmup": 1,
+                "window_s": 0.1, "chunk": 1, "barrier_timeout_s": 30, "cores": 1}
+    with pytest.raises(ConcurrentFailure, match=r"concurrent K=2: ValueError: depth must be 6n\+2"):
+        measure(2, settings, "cpu")

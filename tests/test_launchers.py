@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra.types import RunMode
 
-from sdrun.launchers import available_cores, gpu_slot
+from sdrun.launchers import available_cores, claim_slot, default_local_jobs, gpu_slot, threads_per_job
 from tests.conftest import TINY, run_sdrun, write_cifar_pickles
 
 SWEEP = [*TINY, "epochs=1", "max_steps_per_epoch=2", "seed=1,2"]
@@ -26,7 +26,8 @@ def results_below(folder: Path) -> dict[int, dict]:
 
 @pytest.mark.parametrize("launcher", ["hydra/launcher=parallel", "hydra/launcher=submitit_local"])
 def test_two_job_sweep_lands_where_runs_are_found(tmp_path, launcher):
-    extra = ["hydra.launcher.n_jobs=2"] if launcher.endswith("parallel") else []
+    # jobs_per_gpu is sdrun's key: it must reach the jobs and never joblib.Parallel.
+    extra = ["hydra.launcher.n_jobs=2", "hydra.launcher.jobs_per_gpu=3"] if launcher.endswith("parallel") else []
     r = run_sdrun("train", "-m", *SWEEP, launcher, *extra, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = tmp_path / "sweep"
@@ -104,6 +105,87 @@ def test_gpu_slots_never_hand_one_gpu_to_two_jobs(tmp_path):
     assert got and got[0] in (0, 1)
 
 
-def _claim(folder: Path) -> int:
-    with gpu_slot(folder, 2, poll_s=0.05) as index:
+def _claim(folder: Path, gpus: int = 2, per_gpu: int = 1) -> int:
+    with gpu_slot(folder, gpus, poll_s=0.05, per_gpu=per_gpu) as index:
         return index
+
+
+# ---------------------------------------------------------------- jobs_per_gpu: K slots per GPU
+# Fake GPUs: the slot logic only sees a GPU count; the locks and the threads/processes are real.
+
+def test_k_slots_per_gpu_fill_evenly_then_a_job_waits_for_the_first_free_one(tmp_path):
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        first = [held.enter_context(gpu_slot(tmp_path, 3, per_gpu=2)) for _ in range(3)]
+        assert sorted(first) == [0, 1, 2]  # least-loaded first: one job on each GPU before a second
+        second = [held.enter_context(gpu_slot(tmp_path, 3, per_gpu=2)) for _ in range(3)]
+        assert sorted(first + second) == [0, 0, 1, 1, 2, 2]  # K = 2 each, none more
+        assert claim_slot(tmp_path / ".gpu_slots", 3, 2) is None  # all 6 taken
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(_claim(tmp_path, gpus=3, per_gpu=2)))
+        waiter.start()
+        time.sleep(0.5)
+        assert not got  # every slot taken: the seventh job waits
+    waiter.join(timeout=10)  # all released: it gets one at once
+    assert got and got[0] in (0, 1, 2)
+
+
+def test_a_new_job_goes_to_the_gpu_with_the_fewest_jobs(tmp_path):
+    folder = tmp_path / ".gpu_slots"
+    held = [claim_slot(folder, 3, 3) for _ in range(6)]
+    assert [g for g, _ in held] == [0, 1, 2, 0, 1, 2]  # 2 jobs on each GPU
+    for i in (2, 5, 3):  # GPU 2's jobs end and one of GPU 0's: loads 1, 2, 0
+        held[i][1].close()  # closing the file drops its lock, as a finished job's process does
+    # The fewest jobs first, ties to the lowest index, until each GPU has its 3.
+    more = [claim_slot(folder, 3, 3) for _ in range(6)]  # kept: a dropped file object unlocks
+    assert [g for g, _ in more] == [2, 0, 2, 0, 1, 2]
+    assert claim_slot(folder, 3, 3) is None
+
+
+def _hold_slot(folder: str, gpus: int, per_gpu: int, hold_s: float, log: str) -> None:
+    with gpu_slot(Path(folder), gpus, poll_s=0.02, per_gpu=per_gpu) as gpu:
+        start = time.monotonic()
+        time.sleep(hold_s)
+        with open(log, "a") as f:
+            f.write(f"{gpu} {start} {time.monotonic()}\n")
+
+
+def test_processes_never_put_more_than_k_jobs_on_a_gpu_and_use_every_slot(tmp_path):
+    """12 real processes, 2 fake GPUs x 2 slots: at no instant more than 2 jobs on a GPU, and
+    each GPU runs 2 at once at some point (no slot left idle while jobs wait)."""
+    ctx = multiprocessing.get_context("fork")
+    log = tmp_path / "log.txt"
+    procs = [ctx.Process(target=_hold_slot, args=(str(tmp_path), 2, 2, 0.3, str(log))) for _ in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    spans = [line.split() for line in log.read_text().splitlines()]
+    assert len(spans) == 12
+    for gpu in ("0", "1"):
+        mine = [(float(a), float(b)) for g, a, b in spans if g == gpu]
+        # jobs running on this GPU at each job's start
+        at_start = [sum(a <= s < b for a, b in mine) for s, _ in mine]
+        assert max(at_start) == 2, (gpu, at_start)
+
+
+def test_threads_and_n_jobs_follow_k_times_gpus():
+    from omegaconf import OmegaConf
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert default_local_jobs(4, gpus=2) == 8 and default_local_jobs(1, gpus=3) == 3
+    assert default_local_jobs(4, gpus=0) == max(1, available_cores() // 4)
+    launcher = OmegaConf.create({"_target_": joblib, "n_jobs": 8, "jobs_per_gpu": 4})
+    assert threads_per_job(launcher, num_gpus=2) == max(1, available_cores() // 8)
+    # More jobs than slots: only K x GPUs run at once, so they share the cores.
+    wide = OmegaConf.create({"_target_": joblib, "n_jobs": 16, "jobs_per_gpu": 2})
+    assert threads_per_job(wide, num_gpus=1) == max(1, available_cores() // 2)
+
+
+def test_bad_jobs_per_gpu_is_one_line(tmp_path):
+    r = run_sdrun("train", "-m", *TINY, "hydra/launcher=parallel", "hydra.launcher.jobs_per_gpu=0",
+                  "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "sdrun train: error: hydra.launcher.jobs_per_gpu=0 must be at least 1"

@@ -1,7 +1,10 @@
-"""Per-branch torch.compile keeps the skip, the numbers and the checkpoint format."""
+"""speed=: per-branch torch.compile keeps the skip, the numbers and the checkpoint format; the
+switch resolves and refuses on the CPU. The CUDA side (graphs, 50-step comparisons) is
+tests/test_cuda_speed.py (-m cuda)."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +18,7 @@ def test_per_branch_compile_matches_eager_and_keeps_parameter_names():
     eager = build_model("cifar_resnet", 14, 10, 0.5, "linear")  # L = 6: every branch shape, 2 transitions
     compiled = copy.deepcopy(eager)
     # The "eager" backend runs dynamo's capture and guards without a C++ compiler; the
-    # trainer uses inductor (sdrun train compile=true).
+    # trainer uses inductor (sdrun train speed=compile).
     assert compile_branches(compiled, backend="eager") == 6
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for p in [*eager.parameters(), *compiled.parameters()]:
@@ -43,3 +46,60 @@ def test_per_branch_compile_matches_eager_and_keeps_parameter_names():
         assert torch.allclose(eager(x), compiled(x), atol=1e-5)
     from torch._dynamo.utils import counters
     assert not any("recompile" in k.lower() for k in counters["unimplemented"]), dict(counters["unimplemented"])
+
+
+# ---------------------------------------------------------------- the speed= switch (CPU side)
+
+def test_speed_modes_resolve_and_refuse_what_cannot_run_here():
+    from sdrun.config import ConfigError
+    from sdrun.speed import resolve_speed
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_speed("auto", cpu) == resolve_speed("auto", cuda) == "eager"  # until a GPU measures
+    assert resolve_speed("compile", cpu) == "compile" and resolve_speed("graphs", cuda) == "graphs"
+    with pytest.raises(ConfigError, match="speed=graphs needs a CUDA device"):
+        resolve_speed("graphs", cpu)
+    with pytest.raises(ConfigError, match="one process"):
+        resolve_speed("graphs", cuda, world_size=2)
+    with pytest.raises(ValueError):
+        resolve_speed("warp", cpu)
+
+
+def test_graphed_branches_keep_names_and_run_eagerly_off_cuda():
+    """graph_branches only replaces each branch's forward: same parameter and buffer names,
+    and on CPU tensors (or in eval mode) the very same eager computation."""
+    from sdrun.speed import BranchGraphs, graph_branches
+
+    torch.manual_seed(0)
+    eager = build_model("cifar_resnet", 14, 10, 0.5, "linear")
+    graphed = copy.deepcopy(eager)
+    assert graph_branches(graphed) == 6
+    assert all(isinstance(b.branch.forward, BranchGraphs) for b in graphed.blocks)
+    assert list(graphed.state_dict()) == list(eager.state_dict())
+    gates = [True, False, True, True, False, True]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(eager(x, gates), graphed(x, gates))
+    assert all(not b.branch.forward.graphed for b in graphed.blocks)  # nothing captured off CUDA
+    for m in (eager, graphed):
+        m.eval()
+    assert torch.equal(eager(x), graphed(x))
+
+
+def test_old_compile_key_is_one_clear_line_and_graphs_on_cpu_too(tmp_path):
+    from tests.conftest import TINY, run_sdrun
+
+    r = run_sdrun("train", *TINY, "compile=true", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "speed=compile" in r.stderr, r.stderr
+    r = run_sdrun("train", *TINY, "device=cpu", "speed=graphs", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "speed=graphs needs a CUDA device" in r.stderr
+
+
+def test_runs_from_before_the_switch_still_resume_and_group():
+    """A checkpoint or results.json written with compile=false (before speed=) is the same recipe."""
+    from sdrun.runs import config_differences
+
+    old = {"compile": False, "depth": 8, "pL": 0.5}
+    assert config_differences(old, {"speed": "auto", "depth": 8, "pL": 0.5}) == []
+    assert config_differences(old, {"speed": "graphs", "depth": 8, "pL": 1.0}) == ["pL: 0.5 there, 1.0 here"]
