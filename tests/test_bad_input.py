@@ -1,4 +1,9 @@
-"""Bad invocations: each exits non-zero with one line naming the problem, and touches no run."""
+"""Bad invocations: each exits 2 with one line naming the problem, and touches no run.
+
+Every case runs `sdrun train` through the console script's own main() in this process (the
+same code path, without a process's start-up); one case of each error family also runs the
+installed console script in its own process, as a user does.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_sdrun, write_cifar_pickles
+from tests.conftest import run_sdrun, sdrun_main, write_cifar_pickles
 
 BASE = ["dataset=digits", "depth=8", "epochs=3", "max_steps_per_epoch=2", "batch_size=32"]
 
@@ -25,14 +30,18 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """An unfinished run (checkpoint, no results), a depth-14 run, and files to break things with."""
+    """An unfinished run (checkpoint, no results), a depth-14 run, and files to break things with.
+
+    The two runs are real `sdrun train` runs (Hydra's .hydra/ and train.log included), so the
+    cases below can check that none of those files changes."""
     w = tmp_path_factory.mktemp("world")
-    r = run_sdrun("train", *BASE, "hydra.run.dir=own", cwd=w)
+    r = sdrun_main("train", *BASE, "hydra.run.dir=own", cwd=w)
     assert r.returncode == 0, r.stderr
     (w / "own" / "results.json").unlink()  # now it is a resumable, unfinished run
-    r = run_sdrun("train", *BASE, "depth=14", "hydra.run.dir=deeper", cwd=w)
+    r = sdrun_main("train", *BASE, "depth=14", "hydra.run.dir=deeper", cwd=w)
     assert r.returncode == 0, r.stderr
     (w / "deeper" / "results.json").unlink()
+    assert (w / "own" / ".hydra" / "config.yaml").is_file() and (w / "own" / "train.log").is_file()
     (w / "evil").mkdir()
     torch.save({"epoch": 1, "config": {}, "payload": Evil(w / "pwned")}, w / "evil" / "checkpoint.pt")
     (w / "foreign").mkdir()
@@ -45,6 +54,11 @@ def world(tmp_path_factory) -> Path:
     return w
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the message is about a machine without CUDA")
+
+# (arguments, part of the one-line message); the error families: range checks (validate),
+# Hydra composition (types, enums, unknown keys and groups), missing or broken data, bad
+# checkpoints and run directories.
 CASES = [
     (["pL=1.5"], "pL=1.5 is outside [0, 1]"),
     (["pL=-0.1"], "pL=-0.1 is outside [0, 1]"),
@@ -53,21 +67,27 @@ CASES = [
     (["depth=2"], "depth=2 is not 6n+2"),
     (["depth=deep"], "could not be converted to Integer"),
     (["dataset=imagenet21k"], "Could not find 'dataset/imagenet21k'"),
+    (["dataset=imagenet", "depth=110"], "depth=110 is not an ImageNet ResNet depth"),
     (["survival=cubic"], "Invalid value 'cubic'"),
     (["model.scaling=sideways"], "Invalid value 'sideways'"),
+    (["dataset.loader=disk"], "Invalid value 'disk'"),
+    (["experiment=table9"], "Could not find 'experiment/table9'"),
     (["epochs=-3"], "epochs=-3 must be at least 1"),
     (["batch_size=0"], "batch_size=0 must be at least 1"),
+    (["log.grad_histograms_every=-1"], "log.grad_histograms_every=-1 must be >= 0"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["dataset.colour=red"], "Could not override 'dataset.colour'"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
     (["optim.milestones=[375,250]"], "optim.milestones=[375, 250] must be increasing"),
     (["optim.momentum=1.5"], "optim.momentum in [0, 1)"),
     (["device=tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
-    (["device=cuda"], "CUDA is not available"),
+    pytest.param(["device=cuda"], "CUDA is not available", marks=NO_CUDA, id="device=cuda"),
     (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"], "cifar-10-batches-py"),
     (["dataset=cifar10", "dataset.root={w}/c10", "hydra.run.dir={w}/new"], "not found or corrupt"),  # md5 on
     (["dataset=cifar10", "dataset.root={w}/c10bad", "dataset.check_md5=false", "hydra.run.dir={w}/new"],
      "data_batch_3"),
+    (["dataset=svhn", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"],
+     "train_32x32.mat, extra_32x32.mat, test_32x32.mat"),
     (["dataset.val_size=5000", "hydra.run.dir={w}/new"], "dataset.val_size=5000 leaves no training images"),
     (["resume={w}/nowhere"], "no checkpoint.pt there"),
     (["resume={w}/deeper/checkpoint.pt"], "belongs to another config (depth: 14 there, 8 here)"),
@@ -77,29 +97,52 @@ CASES = [
     (["resume={w}/garbage"], "is not a readable checkpoint"),
 ]
 
+# One per family, through the installed console script in a process of its own.
+CONSOLE = [
+    (["pL=1.5"], "pL=1.5 is outside [0, 1]"),  # range check
+    (["no_such_key=1"], "Could not override 'no_such_key'"),  # Hydra composition
+    (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"], "cifar-10-batches-py"),  # data
+    (["depth=20", "hydra.run.dir={w}/own"], "belongs to another config (depth: 8 there, 20 here)"),  # run dir
+    (["resume={w}/evil"], "refusing to load it"),  # hostile checkpoint
+]
+
+
+def ids(cases):
+    return [getattr(c, "id", None) or " ".join(c[0]) for c in cases]
+
 
 def snapshot(w: Path) -> dict:
     return {p.relative_to(w): p.read_bytes() for p in sorted(w.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_invocation(world, args, expected):
-    w = world
+def check_refused(w: Path, args: list[str], expected: str, run) -> None:
     args = [a.format(w=w) for a in args]
-    run_dir = "hydra.run.dir=" + str(w / "own") if not any(a.startswith(("resume=", "hydra.run.dir="))
-                                                             for a in args) else None
+    run_dir = [] if any(a.startswith(("resume=", "hydra.run.dir=")) for a in args) else [f"hydra.run.dir={w / 'own'}"]
     before = snapshot(w)
-    r = run_sdrun("train", *BASE, *args, *([run_dir] if run_dir else []), cwd=w)
-    assert r.returncode != 0
+    r = run("train", *BASE, *args, *run_dir, cwd=w)
+    assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
     assert err.startswith("sdrun train: error: ") and expected.format(w=w) in err, err
     assert not (w / "pwned").exists()  # the hostile checkpoint never ran its payload
     after = snapshot(w)
     # Existing runs are untouched: training outputs always; for errors caught before the job
-    # starts (all but the data errors), Hydra's own .hydra/ snapshot and log too.
+    # starts (all but the data errors), Hydra's own .hydra/ snapshot and log too. Only a data
+    # error, found once the job has started, leaves Hydra's files in its new run directory.
     data_error = any(a.startswith(("dataset.root", "dataset.val_size")) for a in args)
     for path, content in before.items():
         if data_error and (path.parts[-2:-1] == (".hydra",) or path.name == "train.log"):
             continue
         assert after.get(path) == content, f"{path} changed"
+    created = [p for p in after if p not in before]
+    assert all(data_error and p.parts[0] == "new" for p in created), created
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=ids(CASES))
+def test_bad_invocation(world, args, expected):
+    check_refused(world, args, expected, sdrun_main)
+
+
+@pytest.mark.parametrize("args,expected", CONSOLE, ids=ids(CONSOLE))
+def test_bad_invocation_through_the_console_script(world, args, expected):
+    check_refused(world, args, expected, run_sdrun)
