@@ -31,6 +31,8 @@ SDRUN = str(Path(sys.executable).with_name("sdrun"))
 # The smallest real training run: ResNet-8 (L = 3 blocks) on the digits, a few steps.
 TINY = ["dataset=digits", "depth=8", "epochs=2", "max_steps_per_epoch=3", "batch_size=32",
         "eval_batch_size=512", "checkpoint=false"]
+# The tiny run of the shared console_runs fixture: seed 2, an lr drop after epoch 1, a checkpoint.
+CONSOLE_RUN = [*TINY, "seed=2", "optim.milestones=[1]", "checkpoint=true"]
 
 
 def run_sdrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -223,3 +225,18 @@ def write_imagenet_folder(root: Path, wnids=("n01440764", "n01443537", "n0148485
                 pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(d / f"{wnid}_{i}.JPEG", format="JPEG")
     return root
+
+
+@pytest.fixture(scope="session")
+def console_runs(tmp_path_factory) -> Path:
+    """Real `sdrun train` processes shared by several test files, in one TensorBoard log dir:
+    logs/run      a tiny run (seed 2, lr drop after epoch 1, checkpoint on)
+    logs/sweep/N  a two-job multirun sweep over pL = 0.5, 1.0
+    """
+    root = tmp_path_factory.mktemp("console")
+    logs = root / "logs"
+    r = run_sdrun("train", *CONSOLE_RUN, f"hydra.run.dir={logs}/run", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", f"hydra.sweep.dir={logs}/sweep", cwd=root)
+    assert r.returncode == 0, r.stderr
+    return logs
