@@ -71,7 +71,6 @@ CASES = [
     (["survival=cubic"], "Invalid value 'cubic'"),
     (["model.scaling=sideways"], "Invalid value 'sideways'"),
     (["dataset.loader=disk"], "Invalid value 'disk'"),
-    (["experiment=table9"], "Could not find 'experiment/table9'"),
     (["epochs=-3"], "epochs=-3 must be at least 1"),
     (["batch_size=0"], "batch_size=0 must be at least 1"),
     (["log.grad_histograms_every=-1"], "log.grad_histograms_every=-1 must be >= 0"),
