@@ -1,28 +1,132 @@
-"""Shared helpers: run the real console script, write small datasets in real on-disk formats."""
+"""Shared helpers: run the real console script (in a subprocess, or its main() in this
+process), compose configs and train in this process, write small datasets in real on-disk
+formats.
+
+A subprocess costs seconds of start-up (importing torch); tests use one only for what only
+a real process proves: signals and kills, torchrun, sweeps' launchers, the installed console
+script, the TensorBoard server.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import pickle
+import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from omegaconf import DictConfig
 
 SDRUN = str(Path(sys.executable).with_name("sdrun"))
 
 # The smallest real training run: ResNet-8 (L = 3 blocks) on the digits, a few steps.
 TINY = ["dataset=digits", "depth=8", "epochs=2", "max_steps_per_epoch=3", "batch_size=32",
         "eval_batch_size=512", "checkpoint=false"]
+# The tiny run of the shared console_runs fixture: seed 2, an lr drop after epoch 1, a checkpoint.
+CONSOLE_RUN = [*TINY, "seed=2", "optim.milestones=[1]", "checkpoint=true"]
 
 
 def run_sdrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.run([SDRUN, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Result:
+    """What a run of `sdrun ...` left: like subprocess.CompletedProcess."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def sdrun_main(*args: str, cwd: Path) -> Result:
+    """`sdrun ARGS` in this process: the console script's own main(), its exit code and output.
+
+    The same code path as run_sdrun without a process's start-up; the process-wide state
+    that the CLI and Hydra change (argv, HYDRA_FULL_ERROR, the working directory, logging
+    handlers) is put back afterwards.
+    """
+    from sdrun import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_env, saved_cwd = sys.argv[:], os.environ.get("HYDRA_FULL_ERROR"), os.getcwd()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    code = 0
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), global_state_kept():
+            try:
+                cli.main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv[:] = saved_argv
+        if saved_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
+        for handler in root.handlers[:]:  # Hydra's job logging (train.log): close and detach it
+            if handler not in saved_handlers:
+                handler.close()
+                root.removeHandler(handler)
+        for handler in saved_handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved_level)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def compose_cfg(*overrides: str) -> DictConfig:
+    """The config `sdrun train OVERRIDES` would run, composed by Hydra's compose API."""
+    from hydra import compose, initialize_config_module
+
+    from sdrun.config import register_configs
+
+    register_configs()
+    with initialize_config_module("sdrun.conf", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@contextlib.contextmanager
+def global_state_kept():
+    """Put back the process-wide torch/NumPy/Python state a training run sets (seeds,
+    threads, deterministic algorithms), so in-process runs leak nothing into other tests."""
+    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        yield
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def train_in_process(run_dir: Path, *overrides: str) -> dict:
+    """sdrun.train.train on the composed config: the trainer without the CLI and Hydra's
+    run directory handling (no .hydra/, no train.log). Returns results.json's content."""
+    from sdrun.train import train
+
+    cfg = compose_cfg(*overrides)
+    with global_state_kept():
+        return train(cfg, run_dir)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -132,3 +236,18 @@ def compose_train(*overrides: str):
     register_configs()
     with initialize_config_module("sdrun.conf", version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def console_runs(tmp_path_factory) -> Path:
+    """Real `sdrun train` processes shared by several test files, in one TensorBoard log dir:
+    logs/run      a tiny run (seed 2, lr drop after epoch 1, checkpoint on)
+    logs/sweep/N  a two-job multirun sweep over pL = 0.5, 1.0
+    """
+    root = tmp_path_factory.mktemp("console")
+    logs = root / "logs"
+    r = run_sdrun("train", *CONSOLE_RUN, f"hydra.run.dir={logs}/run", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", f"hydra.sweep.dir={logs}/sweep", cwd=root)
+    assert r.returncode == 0, r.stderr
+    return logs

@@ -1,4 +1,5 @@
-"""sdrun analyze on tiny runs trained through the console script.
+"""sdrun analyze on tiny runs trained in process (sdrun.train.train); the console script
+runs `sdrun analyze` once (test_cli_compares_two_runs).
 
 The exact-equality checks compare the analysis's gated networks with forwards written out
 block by block: H = ReLU(shortcut(H) + s * branch(H)), s = 1 (gate open) or p_l (test rule).
@@ -16,7 +17,7 @@ from sdrun.analyze import (SubnetworkEvaluator, analyze_run, doubling, load_trai
                            own_bn_statistics)
 from sdrun.files import load_checkpoint, save_checkpoint
 from sdrun.stochastic import GateSampler
-from tests.conftest import TINY, run_sdrun, write_cifar_pickles
+from tests.conftest import TINY, run_sdrun, train_in_process, write_cifar_pickles
 
 # ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5). fidelity=paper (gamma = 1):
 # after these few steps the reference's U(0, 1) gammas left a net whose every lesion had the same
@@ -29,8 +30,7 @@ TRAIN = [*TINY, "depth=14", "checkpoint=true", "fidelity=paper"]
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analyze")
     for name, pL in (("sd", "0.5"), ("const", "1.0")):
-        r = run_sdrun("train", *TRAIN, f"pL={pL}", f"hydra.run.dir={name}", cwd=root)
-        assert r.returncode == 0, r.stderr
+        train_in_process(root / name, *TRAIN, f"pL={pL}")
     return root
 
 

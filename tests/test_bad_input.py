@@ -1,4 +1,9 @@
-"""Bad invocations: each exits non-zero with one line naming the problem, and touches no run."""
+"""Bad invocations: each exits 2 with one line naming the problem, and touches no run.
+
+Every case runs `sdrun train` through the console script's own main() in this process (the
+same code path, without a process's start-up); one case of each error family also runs the
+installed console script in its own process, as a user does.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_sdrun, write_cifar_pickles
+from tests.conftest import run_sdrun, sdrun_main, write_cifar_pickles
 
 BASE = ["dataset=digits", "depth=8", "epochs=3", "max_steps_per_epoch=2", "batch_size=32"]
 
@@ -26,15 +31,19 @@ class Evil:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """An unfinished run (checkpoint, no results), a depth-14 run, and files to break things with."""
+    """An unfinished run (checkpoint, no results), a depth-14 run, and files to break things with.
+
+    The two runs are real `sdrun train` runs (Hydra's .hydra/ and train.log included), so the
+    cases below can check that none of those files changes."""
     w = tmp_path_factory.mktemp("world")
-    r = run_sdrun("train", *BASE, "hydra.run.dir=own", cwd=w)
+    r = sdrun_main("train", *BASE, "hydra.run.dir=own", cwd=w)
     assert r.returncode == 0, r.stderr
     shutil.copytree(w / "own", w / "done")  # a finished run (results.json and checkpoint)
     (w / "own" / "results.json").unlink()  # now it is a resumable, unfinished run
-    r = run_sdrun("train", *BASE, "depth=14", "hydra.run.dir=deeper", cwd=w)
+    r = sdrun_main("train", *BASE, "depth=14", "hydra.run.dir=deeper", cwd=w)
     assert r.returncode == 0, r.stderr
     (w / "deeper" / "results.json").unlink()
+    assert (w / "own" / ".hydra" / "config.yaml").is_file() and (w / "own" / "train.log").is_file()
     (w / "evil").mkdir()
     torch.save({"epoch": 1, "config": {}, "payload": Evil(w / "pwned")}, w / "evil" / "checkpoint.pt")
     (w / "foreign").mkdir()
@@ -58,6 +67,11 @@ def world(tmp_path_factory) -> Path:
 C10RUN = ["dataset=cifar10", "dataset.check_md5=false", "dataset.val_size=20"]
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the message is about a machine without CUDA")
+
+# (arguments, part of the one-line message); the error families: range checks (validate),
+# Hydra composition (types, enums, unknown keys and groups), missing or broken data, bad
+# checkpoints and run directories.
 CASES = [
     (["pL=1.5"], "pL=1.5 is outside [0, 1]"),
     (["pL=-0.1"], "pL=-0.1 is outside [0, 1]"),
@@ -66,10 +80,13 @@ CASES = [
     (["depth=2"], "depth=2 is not 6n+2"),
     (["depth=deep"], "could not be converted to Integer"),
     (["dataset=imagenet21k"], "Could not find 'dataset/imagenet21k'"),
+    (["dataset=imagenet", "depth=110"], "depth=110 is not an ImageNet ResNet depth"),
     (["survival=cubic"], "Invalid value 'cubic'"),
     (["model.scaling=sideways"], "Invalid value 'sideways'"),
+    (["dataset.loader=disk"], "Invalid value 'disk'"),
     (["epochs=-3"], "epochs=-3 must be at least 1"),
     (["batch_size=0"], "batch_size=0 must be at least 1"),
+    (["log.grad_histograms_every=-1"], "log.grad_histograms_every=-1 must be >= 0"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["dataset.colour=red"], "Could not override 'dataset.colour'"),
     (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
@@ -78,11 +95,13 @@ CASES = [
     (["device=tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
     (["precision=fp16"], "Invalid value 'fp16'"),
     (["device=cpu", "precision=tf32", "hydra.run.dir={w}/new"], "precision=tf32 is a CUDA tensor-core mode"),
-    (["device=cuda"], "CUDA is not available"),
+    pytest.param(["device=cuda"], "CUDA is not available", marks=NO_CUDA, id="device=cuda"),
     (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"], "cifar-10-batches-py"),
     (["dataset=cifar10", "dataset.root={w}/c10", "hydra.run.dir={w}/new"], "not found or corrupt"),  # md5 on
     (["dataset=cifar10", "dataset.root={w}/c10bad", "dataset.check_md5=false", "hydra.run.dir={w}/new"],
      "data_batch_3"),
+    (["dataset=svhn", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"],
+     "train_32x32.mat, extra_32x32.mat, test_32x32.mat"),
     (["dataset.val_size=5000", "hydra.run.dir={w}/new"], "dataset.val_size=5000 leaves no training images"),
     (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new/deeper"], "cifar-10-batches-py"),
     # data missing in a directory that holds files (left byte-identical) and for a resume
@@ -101,20 +120,30 @@ CASES = [
     (["resume={w}/garbage"], "is not a readable checkpoint"),
 ]
 
+# One per family, through the installed console script in a process of its own.
+CONSOLE = [
+    (["pL=1.5"], "pL=1.5 is outside [0, 1]"),  # range check
+    (["no_such_key=1"], "Could not override 'no_such_key'"),  # Hydra composition
+    (["dataset=cifar10", "dataset.root={w}/nowhere", "hydra.run.dir={w}/new"], "cifar-10-batches-py"),  # data
+    (["depth=20", "hydra.run.dir={w}/own"], "belongs to another config (depth: 8 there, 20 here)"),  # run dir
+    (["resume={w}/evil"], "refusing to load it"),  # hostile checkpoint
+]
+
+
+def ids(cases):
+    return [getattr(c, "id", None) or " ".join(c[0]) for c in cases]
+
 
 def snapshot(w: Path) -> dict:
     return {p.relative_to(w): p.read_bytes() for p in sorted(w.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_bad_invocation(world, args, expected):
-    w = world
+def check_refused(w: Path, args: list[str], expected: str, run) -> None:
     args = [a.format(w=w) for a in args]
-    run_dir = "hydra.run.dir=" + str(w / "own") if not any(a.startswith(("resume=", "hydra.run.dir="))
-                                                             for a in args) else None
+    run_dir = [] if any(a.startswith(("resume=", "hydra.run.dir=")) for a in args) else [f"hydra.run.dir={w / 'own'}"]
     before = snapshot(w)
-    r = run_sdrun("train", *BASE, *args, *([run_dir] if run_dir else []), cwd=w)
-    assert r.returncode != 0
+    r = run("train", *BASE, *args, *run_dir, cwd=w)
+    assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, r.stderr
     assert err.startswith("sdrun train: error: ") and expected.format(w=w) in err, err
@@ -126,10 +155,20 @@ def test_bad_invocation(world, args, expected):
     assert not (w / "new").exists() and not (w / "runs").exists()
 
 
+@pytest.mark.parametrize("args,expected", CASES, ids=ids(CASES))
+def test_bad_invocation(world, args, expected):
+    check_refused(world, args, expected, sdrun_main)
+
+
+@pytest.mark.parametrize("args,expected", CONSOLE, ids=ids(CONSOLE))
+def test_bad_invocation_through_the_console_script(world, args, expected):
+    check_refused(world, args, expected, run_sdrun)
+
+
 @pytest.mark.parametrize("where", ["hydra.run.dir={w}/done", "resume={w}/done"])
 def test_finished_run_with_the_same_settings_is_done_and_untouched(world, where):
     before = snapshot(world)
-    r = run_sdrun("train", *BASE, where.format(w=world), cwd=world)
+    r = sdrun_main("train", *BASE, where.format(w=world), cwd=world)
     assert r.returncode == 0, r.stderr
     assert "already holds a finished run" in r.stderr and "nothing to do" in r.stderr
     assert snapshot(world) == before

@@ -1,7 +1,8 @@
 """`sdrun bench` end to end, shrunk to seconds: the report's structure and its arithmetic.
 
 No timing threshold here (that is what the benchmark itself is for): only that it measures
-what it says, in one process, and writes it all down.
+what it says, in one process, and writes it all down. The console script runs it once; the
+other cases go through the same main() in this process.
 """
 
 import json
@@ -9,7 +10,7 @@ import json
 import pytest
 
 from sdrun.stochastic import expected_active_blocks, survival_probs
-from tests.conftest import run_sdrun
+from tests.conftest import run_sdrun, sdrun_main
 
 SMALL = ["--depth", "8", "--deep-depth", "14", "--batch-size", "16", "--steps", "1", "--repeats", "2",
          "--warmup", "1", "--deep-steps", "1", "--deep-repeats", "2", "--trainer-steps", "2",
@@ -47,12 +48,12 @@ def test_bench_writes_every_section(tmp_path):
 
 
 def test_bench_sections_and_bad_arguments(tmp_path):
-    r = run_sdrun("bench", *SMALL, "--sections", "eval", "--out", "e.json", cwd=tmp_path)
+    r = sdrun_main("bench", *SMALL, "--sections", "eval", "--out", "e.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert set(json.loads((tmp_path / "e.json").read_text())["results"]) == {"eval"}
     for bad in (["--sections", "sd,warp"], ["--steps", "0"], ["--device", "cuda:7"], ["--precision", "tf32"],
                 ["--precision", "fp16"]):
-        r = run_sdrun("bench", *SMALL, *bad, cwd=tmp_path)
+        r = sdrun_main("bench", *SMALL, *bad, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, bad
         assert r.stderr.startswith("sdrun bench: error:") and len(r.stderr.strip().splitlines()) == 1, bad
 

@@ -8,7 +8,7 @@ from scipy.stats import chi2_contingency, chisquare
 
 from sdrun.batches import DataLoaderBatches, make_train_batches
 from sdrun.data import Normalizer, Split, TrainBatches, translate_and_flip
-from tests.conftest import TINY, run_sdrun
+from tests.conftest import TINY, train_in_process
 
 PAD = 4
 
@@ -124,10 +124,7 @@ def test_make_train_batches_follows_the_config():
 
 
 def test_training_through_the_dataloader_path(tmp_path):
-    r = run_sdrun("train", *TINY, "dataset.loader=dataloader", "num_workers=1", "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    # (dataset.loader=disk, an unknown loader, is one of test_bad_input.py's cases)
+    results = train_in_process(tmp_path / "run", *TINY, "dataset.loader=dataloader", "num_workers=1")
     assert results["config"]["dataset"]["loader"] == "dataloader" and results["status"] == "finished"
-    r = run_sdrun("train", *TINY, "dataset.loader=disk", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("sdrun train: error:") and len(r.stderr.strip().splitlines()) == 1
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"

@@ -1,34 +1,44 @@
-"""End to end through the real console script, in subprocesses."""
+"""End to end through the real console script (the shared console_runs fixture), and the
+same trainer in this process."""
 
 import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import TINY, read_jsonl, run_sdrun, write_cifar_pickles
+from tests.conftest import CONSOLE_RUN, compose_cfg, read_jsonl, sdrun_main, train_in_process, write_cifar_pickles
 
 WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "elapsed_s", "eta_s"}
 
 
+def strip(rows):
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
+
+
 def test_help_lists_subcommands(tmp_path):
-    r = run_sdrun("--help", cwd=tmp_path)
-    assert r.returncode == 0 and "train" in r.stdout
-    r = run_sdrun("train", "--help", cwd=tmp_path)
+    r = sdrun_main("--help", cwd=tmp_path)
+    assert r.returncode == 0 and "train" in r.stdout and "analyze" in r.stdout
+    r = sdrun_main("train", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "dataset: cifar10, cifar100, digits, imagenet, svhn" in r.stdout
+    r = sdrun_main("fly", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("sdrun: error: unknown command 'fly'")
 
 
-def test_cfg_job_shows_the_dataset_recipe(tmp_path):
-    r = run_sdrun("train", "dataset=cifar10", "--cfg", "job", cwd=tmp_path)
+def test_dataset_recipe_and_overrides_compose():
+    cfg = compose_cfg("dataset=cifar10")
+    assert (cfg.depth, cfg.epochs, list(cfg.optim.milestones)) == (110, 500, [250, 375])
+    cfg = compose_cfg("dataset=cifar10", "depth=1202", "pL=1.0")  # the command line wins over the recipe
+    assert (cfg.depth, cfg.pL) == (1202, 1.0)
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    r = sdrun_main("train", "dataset=cifar10", "depth=1202", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "depth: 110" in r.stdout and "epochs: 500" in r.stdout and "- 250" in r.stdout and "- 375" in r.stdout
-    r = run_sdrun("train", "dataset=cifar10", "depth=1202", "pL=1.0", "--cfg", "job", cwd=tmp_path)
-    assert "depth: 1202" in r.stdout and "pL: 1.0" in r.stdout
+    assert "depth: 1202" in r.stdout and "epochs: 500" in r.stdout and "- 375" in r.stdout
 
 
-def test_tiny_run_writes_events_metrics_results(tmp_path):
-    r = run_sdrun("train", *TINY, "checkpoint=true", "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    run = tmp_path / "run"
+def test_tiny_run_writes_events_metrics_results(console_runs):
+    run = console_runs / "run"
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics[-1]["step"] == 6
     assert 0 < metrics[0]["elapsed_s"] < metrics[1]["elapsed_s"] and metrics[0]["eta_s"] > 0 == metrics[1]["eta_s"]
@@ -41,6 +51,7 @@ def test_tiny_run_writes_events_metrics_results(tmp_path):
     assert results["test_error_at_best_val_pct"] == best["test_error_pct"]
     assert results["config"]["dataset"]["name"] == "digits" and "torch" in results["versions"]
     assert (run / "checkpoint.pt").is_file() and (run / "train.log").is_file()
+    assert (run / ".hydra" / "config.yaml").is_file()
 
     acc = EventAccumulator(str(run))
     acc.Reload()
@@ -52,29 +63,28 @@ def test_tiny_run_writes_events_metrics_results(tmp_path):
     assert acc.Scalars("error/test")[1].value == pytest.approx(metrics[1]["test_error_pct"])
 
 
-def test_same_seed_same_numbers(tmp_path):
-    for name in ("a", "b"):
-        assert run_sdrun("train", *TINY, f"hydra.run.dir={name}", cwd=tmp_path).returncode == 0
-    a, b = (read_jsonl(tmp_path / n / "metrics.jsonl") for n in ("a", "b"))
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]  # noqa: E731
-    assert strip(a) == strip(b)
-    run_sdrun("train", *TINY, "seed=2", "hydra.run.dir=c", cwd=tmp_path)
-    assert strip(read_jsonl(tmp_path / "c" / "metrics.jsonl")) != strip(a)
+def test_same_seed_same_numbers(console_runs, tmp_path):
+    """The console script's run, repeated in this process: the same numbers; another seed: others."""
+    console = strip(read_jsonl(console_runs / "run" / "metrics.jsonl"))
+    train_in_process(tmp_path / "a", *CONSOLE_RUN)
+    assert strip(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == console
+    train_in_process(tmp_path / "b", *CONSOLE_RUN, "seed=3")
+    assert strip(read_jsonl(tmp_path / "b" / "metrics.jsonl")) != console
 
 
-def test_multirun_sweeps_pL(tmp_path):
-    r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    results = sorted((json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")),
-                     key=lambda r: r["pL"])
+def test_multirun_sweeps_pL(console_runs):
+    sweep = console_runs / "sweep"
+    results = sorted((json.loads(p.read_text()) for p in sweep.glob("*/results.json")), key=lambda r: r["pL"])
     assert [r["pL"] for r in results] == [0.5, 1.0]
     assert results[1]["measured_active_blocks"] == 3.0 == results[1]["expected_active_blocks"]
+    assert all(r["config"]["depth"] == 8 and r["status"] == "finished" for r in results)
 
 
 def test_cifar10_pickles_end_to_end(tmp_path):
     root = write_cifar_pickles(tmp_path / "c10", per_batch=40, test=50)
-    r = run_sdrun("train", "dataset=cifar10", f"dataset.root={root}", "dataset.check_md5=false",
-                  "dataset.val_size=50", "depth=8", "epochs=1", "batch_size=50", "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    results = train_in_process(tmp_path / "run", "dataset=cifar10", f"dataset.root={root}",
+                               "dataset.check_md5=false", "dataset.val_size=50", "depth=8", "epochs=1",
+                               "batch_size=50")
     (m,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert m["step"] == 3  # 150 training images after the 50-image validation split
+    assert results["dataset"] == "cifar10" and results["selection"] == "best_val"

@@ -78,15 +78,15 @@ def test_evaluation_precision_can_differ_from_training(tmp_path):
 
 
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    import sdrun.io
-    import sdrun.train
+    import sdrun.files
+    import sdrun.state
     from sdrun.train import Interrupted
 
     settings = ["precision=fp32", "deterministic=true", "epochs=3"]
     train_run(tmp_path / "whole", *settings)
 
     # SIGTERM (what a scheduler's preemption sends) right after the first checkpoint write.
-    real_save, writes = sdrun.io.save_checkpoint, [0]
+    real_save, writes = sdrun.files.save_checkpoint, [0]
 
     def save_then_term(path, state):
         real_save(path, state)
@@ -94,17 +94,17 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
         if writes[0] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(sdrun.train, "save_checkpoint", save_then_term)
+    monkeypatch.setattr(sdrun.state, "save_checkpoint", save_then_term)
     with pytest.raises(Interrupted, match="after epoch 1"):
         train_run(tmp_path / "cut", *settings)
-    monkeypatch.setattr(sdrun.train, "save_checkpoint", real_save)
+    monkeypatch.setattr(sdrun.state, "save_checkpoint", real_save)
     assert not (tmp_path / "cut" / "results.json").exists()
     train_run(tmp_path / "cut", *settings)  # the same command again resumes
 
     def outcome(d: Path):
         rows = [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in read_jsonl(d / "metrics.jsonl")]
         res = {k: v for k, v in json.loads((d / "results.json").read_text()).items() if k not in WALL_CLOCK}
-        weights = sdrun.io.load_checkpoint(d / "checkpoint.pt")["model"]
+        weights = sdrun.files.load_checkpoint(d / "checkpoint.pt")["model"]
         return rows, res, weights
 
     (rows_a, res_a, w_a), (rows_b, res_b, w_b) = outcome(tmp_path / "whole"), outcome(tmp_path / "cut")

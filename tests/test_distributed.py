@@ -87,9 +87,78 @@ def test_loss_curve_matches_one_process_over_the_global_batch(runs):
     assert [m["train_loss"] for m in ddp_metrics] == pytest.approx([m["train_loss"] for m in single_metrics],
                                                                    rel=LOSS_RTOL)
     assert [m["train_loss"] for m in ddp_metrics] == pytest.approx([sum(ddp[:4]) / 4, sum(ddp[4:]) / 4], rel=1e-5)
-    # error counts are summed over ranks: 2 x 16 images per step
-    assert all(m["train_error_pct"] * 128 / 100 == pytest.approx(round(m["train_error_pct"] * 128 / 100))
-               for m in ddp_metrics)
+
+
+def test_training_errors_are_counted_over_both_ranks(runs):
+    """metrics.jsonl's train_error_pct is the misclassified images of both ranks' halves of
+    every global batch over the images of the epoch (rank 0's half alone gives another number)."""
+    r0, r1 = (torch.load(runs / "ddp" / "probe" / f"rank{r}.pt") for r in (0, 1))
+    both, rank0 = [], []
+    for epoch in range(2):  # 4 steps an epoch
+        steps = slice(4 * epoch, 4 * epoch + 4)
+        both.append(100.0 * (sum(r0["wrong"][steps]) + sum(r1["wrong"][steps]))
+                    / (sum(r0["batch"][steps]) + sum(r1["batch"][steps])))
+        rank0.append(100.0 * sum(r0["wrong"][steps]) / sum(r0["batch"][steps]))
+    metrics = read_jsonl(runs / "ddp" / "run" / "metrics.jsonl")
+    assert [m["train_error_pct"] for m in metrics] == pytest.approx(both, abs=1e-9)
+    assert rank0 != both, "rank 0's half alone has the same errors: the check would prove nothing"
+
+
+def one_process_errors(state: dict, ctx=None) -> dict:
+    """Val and test error (%) of a model state on the run's splits (or on one rank's part of
+    them), evaluated here in one process."""
+    from sdrun.data import Normalizer, eval_batches, load_image_data
+    from sdrun.distributed import shard
+    from sdrun.models import build_model
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(*RUN)
+    data = load_image_data(cfg.dataset, cfg.seed)
+    normalizer = Normalizer.fit(data.train.images)
+    model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL, cfg.survival.value)
+    model.load_state_dict(state)
+    model = model.eval().to(memory_format=torch.channels_last)  # as the trainer evaluates on the CPU
+    errors = {}
+    for name, split in (("val", data.val), ("test", data.test)):
+        if ctx is not None:
+            split = split.part(shard(len(split), ctx))
+        with torch.inference_mode():
+            wrong = sum(int((model(x).argmax(1) != y).sum())
+                        for x, y in eval_batches(split, normalizer, 512, True))
+        errors[name] = 100.0 * wrong / len(split)
+    return errors
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG: after the epoch's last training forward each rank's BatchNorm running statistics "
+    "include its own half-batch (DDP broadcasts rank 0's buffers only at the start of a forward), "
+    "so rank 1 evaluates its slice with statistics that are not the checkpointed model's; "
+    "measured: test 87.78 % reported vs 88.06 % for the checkpoint. Fix: broadcast rank 0's "
+    "buffers before evaluating; then drop this mark."))
+def test_evaluation_errors_are_the_checkpointed_models_in_one_process(runs):
+    """The sharded val/test errors, summed over ranks, are the final model's errors on the
+    whole splits, as one process measures them (rank 0's part alone gives other numbers)."""
+    from sdrun.distributed import Context
+    from sdrun.files import load_checkpoint
+
+    state = load_checkpoint(runs / "ddp" / "run" / "checkpoint.pt")["model"]
+    whole, rank0 = one_process_errors(state), one_process_errors(state, Context(0, 2))
+    assert rank0 != whole, "rank 0's slices alone give the same errors: the check would prove nothing"
+    final = read_jsonl(runs / "ddp" / "run" / "metrics.jsonl")[-1]
+    assert (final["val_error_pct"], final["test_error_pct"]) == pytest.approx((whole["val"], whole["test"]), abs=1e-9)
+
+
+def test_evaluation_errors_are_summed_over_the_ranks_slices(runs):
+    """What each rank evaluated (its final weights and buffers, its slice), counted here in one
+    process and summed: the run's val/test errors."""
+    from sdrun.distributed import Context
+
+    r0, r1 = (torch.load(runs / "ddp" / "probe" / f"rank{r}.pt") for r in (0, 1))
+    parts = [one_process_errors(rank["state"], Context(i, 2)) for i, rank in enumerate((r0, r1))]
+    final = read_jsonl(runs / "ddp" / "run" / "metrics.jsonl")[-1]
+    both = {name: (parts[0][name] + parts[1][name]) / 2 for name in ("val", "test")}  # 200 and 360: even halves
+    assert (final["val_error_pct"], final["test_error_pct"]) == pytest.approx((both["val"], both["test"]), abs=1e-9)
+    assert parts[0] != both, "rank 0's slices alone give the same errors: the check would prove nothing"
 
 
 def test_only_rank_zero_writes_one_run_directory(runs):
@@ -104,14 +173,7 @@ def test_only_rank_zero_writes_one_run_directory(runs):
     assert log.count("epoch 1/2") == 1 and "distributed: 2 processes, global batch 32" in log
 
 
-def test_default_run_dir_is_shared_by_all_ranks(tmp_path):
-    """Without hydra.run.dir each rank would resolve ${now:...} itself; rank 0's dir is used by all."""
-    r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *RUN, "epochs=1",
-                 "checkpoint=false", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    run_dirs = list((tmp_path / "runs").iterdir())
-    assert len(run_dirs) == 1, run_dirs
-    assert (run_dirs[0] / "results.json").is_file() and (run_dirs[0] / ".hydra").is_dir()
+# The default run directory (${now:...}) shared by all ranks: test_imagenet.py's torchrun run.
 
 
 def test_all_ranks_resume_from_rank_zero_checkpoint(runs, tmp_path):

@@ -10,12 +10,16 @@ import torchvision
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from sdrun.config import validate
 from sdrun.data import DataError
+from sdrun.distributed import SINGLE, Context
 from sdrun.imagenet import load_imagenet
 from sdrun import analyze
+from sdrun.files import load_checkpoint
 from sdrun.models import ImageNetResNet, build_model
 from sdrun.stochastic import survival_probs
-from tests.conftest import read_jsonl, run_sdrun, write_imagenet_folder
+from sdrun.schedule import lr_at
+from tests.conftest import compose_cfg, read_jsonl, train_in_process, write_imagenet_folder
 
 
 def test_resnet152_parameters_and_blocks():
@@ -135,33 +139,30 @@ def test_unreadable_image_is_a_data_error_naming_the_file(tmp_path, workers):
     assert "\n" not in str(e.value)
 
 
-def test_recipe_and_120_epoch_variant(tmp_path):
-    r = run_sdrun("train", "dataset=imagenet", "epochs=120", "--cfg", "job", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    cfg = OmegaConf.create(r.stdout)
+def test_recipe_and_120_epoch_variant():
+    cfg = compose_cfg("dataset=imagenet", "epochs=120")
+    validate(cfg)
     assert (cfg.model.arch, cfg.depth, cfg.batch_size, cfg.optim.lr, cfg.optim.nesterov) == \
         ("imagenet_resnet", 152, 128, 0.1, True)
     from sdrun.schedule import lr_at
     lrs = [lr_at(e, cfg.optim) for e in (0, 29, 30, 60, 89, 90, 119)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
-    r = run_sdrun("train", "dataset=imagenet", "depth=110", cwd=tmp_path)
-    assert r.returncode == 2 and "not an ImageNet ResNet depth" in r.stderr
+    # (dataset=imagenet depth=110 through the CLI: a case in test_bad_input.py)
 
 
-def test_tiny_run_through_the_console_script(tmp_path, capsys):
+def test_tiny_run(tmp_path, capsys):
     write_imagenet_folder(tmp_path / "imagenet", per_class=(5, 2))
-    r = run_sdrun("train", "dataset=imagenet", "dataset.root=imagenet", "dataset.num_classes=3",
-                  "dataset.image_size=32", "dataset.resize_size=36", "dataset.val_size=3", "depth=18",
-                  "epochs=2", "batch_size=4", "eval_batch_size=4", "num_workers=1", "checkpoint=true",
-                  "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
+    results = train_in_process(run, "dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}",
+                               "dataset.num_classes=3", "dataset.image_size=32", "dataset.resize_size=36",
+                               "dataset.val_size=3", "depth=18", "epochs=2", "batch_size=4", "eval_batch_size=4",
+                               "num_workers=1", "checkpoint=true")
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [3, 6]  # 12 training images in batches of 4
     for m in metrics:
         assert 0 <= m["test_top5_error_pct"] <= m["test_error_pct"] <= 100
         assert 0 <= m["val_top5_error_pct"] <= m["val_error_pct"] <= 100
-    results = json.loads((run / "results.json").read_text())
+    assert results == json.loads((run / "results.json").read_text())
     best = min(metrics, key=lambda m: m["val_error_pct"])
     assert results["selection"] == "best_val" and results["best_val_epoch"] == best["epoch"]
     assert results["test_error_at_best_val_pct"] == best["test_error_pct"]
@@ -193,23 +194,39 @@ def test_global_batches_are_split_across_ranks_without_overlap():
     assert [len(p[0]) for p in parts] == [3, 3, 2]
 
 
-def test_tiny_imagenet_run_under_torchrun(tmp_path):
+def test_tiny_imagenet_run_under_torchrun_in_the_default_run_dir(tmp_path):
     from tests.test_distributed import torchrun
 
     # 18 training images in global batches of 6: 3 per rank (at 32 px ResNet-18 ends at 1x1, and
-    # BatchNorm needs more than one value per channel, so no rank may get a batch of 1).
-    write_imagenet_folder(tmp_path / "imagenet", per_class=(6, 2))
-    args = ["dataset=imagenet", "dataset.root=imagenet", "dataset.num_classes=3", "dataset.image_size=32",
-            "dataset.resize_size=36", "depth=18", "epochs=2", "batch_size=6", "eval_batch_size=4",
-            "num_workers=0", "checkpoint=false"]
-    r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *args,
-                 "hydra.run.dir=ddp", cwd=tmp_path)
+    # BatchNorm needs more than one value per channel, so no rank may get a batch of 1). The val/
+    # folder has 3 x 5 = 15 images: 8 on rank 0, 7 on rank 1.
+    write_imagenet_folder(tmp_path / "imagenet", per_class=(6, 5))
+    args = ["dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}", "dataset.num_classes=3",
+            "dataset.image_size=32", "dataset.resize_size=36", "depth=18", "epochs=2", "batch_size=6",
+            "eval_batch_size=4", "num_workers=0"]
+    # No hydra.run.dir: each rank would resolve the default's ${now:...} itself; all must use rank 0's.
+    r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_sdrun("train", *args, "hydra.run.dir=single", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    ddp, single = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("ddp", "single"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "results.json").is_file() and (run_dir / ".hydra").is_dir()
+    train_in_process(tmp_path / "single", *args)
+    ddp, single = (read_jsonl(d / "metrics.jsonl") for d in (run_dir, tmp_path / "single"))
     assert [m["step"] for m in ddp] == [m["step"] for m in single] == [3, 6]
-    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["world_size"] == 2
-    # Evaluation is sharded and summed: both ranks' images are counted, so errors are multiples of 1/6.
-    for m in ddp:
-        assert round(m["test_error_pct"] * 6 / 100, 6) == round(m["test_error_pct"] * 6 / 100)
+    assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
+
+    # Evaluation is sharded and the counts summed: the run's test error is its final model's
+    # error on the whole val/ folder, measured here in one process.
+    cfg = compose_cfg(*args)
+    model = build_model("imagenet_resnet", 18, 3, cfg.pL, "linear")
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
+    model.eval()
+
+    def error_pct(ctx):
+        batches = list(load_imagenet(cfg, torch.device("cpu"), ctx=ctx).eval_sets["test"]())
+        with torch.inference_mode():
+            wrong = sum(int((model(x).argmax(1) != y).sum()) for x, y in batches)
+        return 100.0 * wrong / sum(len(y) for _, y in batches)
+
+    whole = error_pct(SINGLE)
+    assert error_pct(Context(0, 2)) != whole, "rank 0's part alone has the same error: the check proves nothing"
+    assert ddp[-1]["test_error_pct"] == pytest.approx(whole, abs=1e-9)

@@ -13,7 +13,7 @@ import pytest
 from hydra.types import RunMode
 
 from sdrun.launchers import available_cores, claim_slot, default_local_jobs, gpu_slot, threads_per_job
-from tests.conftest import TINY, run_sdrun, write_cifar_pickles
+from tests.conftest import TINY, run_sdrun, sdrun_main, write_cifar_pickles
 
 SWEEP = [*TINY, "epochs=1", "max_steps_per_epoch=2", "seed=1,2"]
 
@@ -85,8 +85,8 @@ def test_sweep_summary_keeps_every_job_when_they_end_at_once(tmp_path):
 
 
 def test_slurm_preset_composes_with_gpus_time_limit_and_requeue(tmp_path):
-    r = run_sdrun("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
-                  "-p", "hydra.launcher", cwd=tmp_path)
+    r = sdrun_main("train", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
+                   "-p", "hydra.launcher", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for line in ("SlurmLauncher", "gpus_per_node: 1", "timeout_min: 1440", "max_num_timeout: 20",
                  "signal_delay_s: 120", "partition: gpu"):

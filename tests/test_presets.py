@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sdrun.config import register_configs, validate
-from tests.conftest import run_sdrun
+from tests.conftest import sdrun_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -96,7 +96,7 @@ def test_without_a_preset_nothing_is_swept():
 
 
 def test_unknown_preset_is_a_one_line_error(tmp_path):
-    r = run_sdrun("train", "experiment=table9", cwd=tmp_path)
+    r = sdrun_main("train", "experiment=table9", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert "experiment/table9" in line and "table1_cifar10" in line

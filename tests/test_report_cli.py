@@ -1,4 +1,5 @@
-"""sdrun table and sdrun plot through the console script, on real runs of the smoke preset."""
+"""sdrun table and sdrun plot through the console script, on real runs of the smoke preset;
+their bad-input cases through the same main() in process."""
 
 import json
 import shutil
@@ -8,18 +9,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import run_sdrun
+from tests.conftest import run_sdrun, sdrun_main, train_in_process
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> Path:
-    """A real multirun sweep (constant vs stochastic, seeds 1-2), one single run beside it (seed 3),
-    and one run directory that never finished."""
+    """A real multirun sweep (constant vs stochastic, seeds 1-2), one single run beside it (seed 3,
+    trained in process), and one run directory that never finished."""
     root = tmp_path_factory.mktemp("smoke")
     r = run_sdrun("train", "-m", "experiment=smoke", "hydra.sweep.dir=sweep", cwd=root)
     assert r.returncode == 0, r.stderr
-    r = run_sdrun("train", "experiment=smoke", "pL=0.5", "seed=3", "hydra.run.dir=runs/single", cwd=root)
-    assert r.returncode == 0, r.stderr
+    train_in_process(root / "runs" / "single", "experiment=smoke", "pL=0.5", "seed=3")
     (root / "runs" / "killed" / ".hydra").mkdir(parents=True)
     return root
 
@@ -111,10 +111,10 @@ def test_report_page_holds_sdrun_tables_tables_figures_and_analyses(smoke_runs, 
 @pytest.mark.parametrize("command", ["table", "plot"])
 def test_bad_input_is_one_line(tmp_path, command):
     out = ["--out", str(tmp_path / "o")]
-    r = run_sdrun(command, str(tmp_path / "missing"), *out, cwd=tmp_path)
+    r = sdrun_main(command, str(tmp_path / "missing"), *out, cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip() == f"sdrun {command}: error: {tmp_path / 'missing'} is not a directory"
     (tmp_path / "empty").mkdir()
-    r = run_sdrun(command, str(tmp_path / "empty"), *out, cwd=tmp_path)
+    r = sdrun_main(command, str(tmp_path / "empty"), *out, cwd=tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no finished runs" in r.stderr
-    r = run_sdrun(command, "--bogus", cwd=tmp_path)
+    r = sdrun_main(command, "--bogus", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

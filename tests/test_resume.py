@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from sdrun.files import OutputError, atomic_write, load_checkpoint
-from tests.conftest import SDRUN, read_jsonl, run_sdrun
+from tests.conftest import SDRUN, read_jsonl, run_sdrun, train_in_process
 
 RUN = ["dataset=digits", "depth=8", "epochs=4", "max_steps_per_epoch=4", "batch_size=32",
        "eval_batch_size=512"]
@@ -78,24 +79,48 @@ def resume_until_done(run_dir: Path, cwd: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> tuple:
+def baseline_dir(tmp_path_factory) -> Path:
+    """The uninterrupted run, through the console script."""
     cwd = tmp_path_factory.mktemp("baseline")
     r = run_sdrun("train", *RUN, "hydra.run.dir=run", cwd=cwd)
     assert r.returncode == 0, r.stderr
-    return outcome(cwd / "run")
+    return cwd / "run"
 
 
-@pytest.mark.parametrize("n,mode", [(2, "during"), (3, "before"), (4, "during")])
-def test_sigkill_at_a_checkpoint_write_then_resume_is_bit_identical(tmp_path, baseline, n, mode):
+@pytest.fixture(scope="module")
+def baseline(baseline_dir) -> tuple:
+    return outcome(baseline_dir)
+
+
+# (epoch, mode): SIGKILL at that epoch's checkpoint write, before anything is written or
+# after the temporary file is complete but before it replaces the old checkpoint.
+KILLS = [(2, "during"), (3, "before"), (4, "during")]
+
+
+def test_sigkill_at_checkpoint_writes_then_resume_is_bit_identical(tmp_path, baseline):
+    """One run killed three times, each attempt resuming the last; the end result is the
+    uninterrupted run's, bit for bit, and TensorBoard holds each epoch once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-c", KILLER, str(n), mode, *RUN, f"hydra.run.dir={run_dir}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == -signal.SIGKILL, r.stderr
-    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == n - 1  # the old one is intact
-    # "before": metrics.jsonl already has epoch n's line, which the resume must drop.
-    assert len(read_jsonl(run_dir / "metrics.jsonl")) == n
+    for epoch, mode in KILLS:
+        checkpoint = run_dir / "checkpoint.pt"
+        done = load_checkpoint(checkpoint)["epoch"] if checkpoint.exists() else 0  # this attempt resumes there
+        n = epoch - done  # so its n-th checkpoint write is the killed epoch's
+        r = subprocess.run([sys.executable, "-c", KILLER, str(n), mode, *RUN, f"hydra.run.dir={run_dir}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == epoch - 1  # the old one is intact
+        # metrics.jsonl already has the killed epoch's line, which the resume must drop.
+        assert len(read_jsonl(run_dir / "metrics.jsonl")) == epoch
     resume_until_done(run_dir, tmp_path)
     assert_same(outcome(run_dir), baseline)
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("error/test")] == [1, 2, 3, 4]
+    assert [e.value for e in acc.Scalars("error/test")] == pytest.approx(
+        [m["test_error_pct"] for m in read_jsonl(run_dir / "metrics.jsonl")])
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, baseline):
@@ -141,26 +166,10 @@ def test_sigterm_checkpoints_exits_clearly_and_resumes_identically(tmp_path, bas
     assert_same(outcome(run_dir), baseline)
 
 
-def test_tensorboard_has_no_duplicate_points_after_resume(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-c", KILLER, "3", "before", *RUN, f"hydra.run.dir={run_dir}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == -signal.SIGKILL
-    resume_until_done(run_dir, tmp_path)
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("error/test")] == [1, 2, 3, 4]
-    assert [e.value for e in acc.Scalars("error/test")] == pytest.approx(
-        [m["test_error_pct"] for m in read_jsonl(run_dir / "metrics.jsonl")])
-
-
-def test_finished_run_is_not_run_again(tmp_path):
-    r = run_sdrun("train", *RUN, "epochs=1", "hydra.run.dir=run", cwd=tmp_path)
-    assert r.returncode == 0
+def test_finished_run_is_not_run_again(tmp_path, baseline_dir):
+    shutil.copytree(baseline_dir, tmp_path / "run")
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    r = run_sdrun("train", *RUN, "epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    r = run_sdrun("train", *RUN, "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0 and "already holds a finished run" in r.stderr
     assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
 
@@ -209,8 +218,7 @@ def test_file_size_limit_during_checkpoint_is_a_one_line_error(tmp_path):
 def test_resume_with_step_evaluations_is_bit_identical(tmp_path):
     """eval_every_steps (SVHN's protocol): evals.jsonl and the best-val step survive a kill too."""
     run = [*RUN, "eval_every_steps=3"]
-    r = run_sdrun("train", *run, "hydra.run.dir=base", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    train_in_process(tmp_path / "base", *run)  # the uninterrupted run, in this process
     killed = tmp_path / "killed"
     r = subprocess.run([sys.executable, "-c", KILLER, "3", "before", *run, f"hydra.run.dir={killed}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)

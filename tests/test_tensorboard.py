@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, read_jsonl, run_sdrun
+from tests.conftest import read_jsonl
 
 READY_TIMEOUT_S = 90
 RUNS = ["run", "sweep/0", "sweep/1"]  # TensorBoard's run names: the run dirs under the log dir
@@ -72,15 +72,10 @@ class TensorBoard:
 
 
 @pytest.fixture(scope="module")
-def logdir(tmp_path_factory) -> Path:
-    """One tiny run (lr drop after epoch 1) and a two-job pL sweep, in one log directory."""
-    root = tmp_path_factory.mktemp("tb")
-    logs = root / "logs"
-    r = run_sdrun("train", *TINY, "seed=2", "optim.milestones=[1]", f"hydra.run.dir={logs}/run", cwd=root)
-    assert r.returncode == 0, r.stderr
-    r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", f"hydra.sweep.dir={logs}/sweep", cwd=root)
-    assert r.returncode == 0, r.stderr
-    return logs
+def logdir(console_runs) -> Path:
+    """One tiny run (lr drop after epoch 1) and a two-job pL sweep, in one log directory
+    (the real console-script runs shared with test_cli.py)."""
+    return console_runs
 
 
 @pytest.fixture(scope="module")

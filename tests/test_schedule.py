@@ -1,0 +1,29 @@
+"""The learning-rate schedule: steps at the milestones (epochs counted from 0), warm-up first."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from sdrun.schedule import lr_at
+from tests.conftest import compose_cfg
+
+
+def test_cifar_recipe_divides_by_ten_at_250_and_375():
+    optim = compose_cfg("dataset=cifar10").optim
+    epochs = [0, 1, 249, 250, 251, 374, 375, 499]
+    assert [lr_at(e, optim) for e in epochs] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_warmup_then_the_schedule():
+    # ResNet-1202's recipe: lr 0.01 for the first 10 epochs, then 0.1 and the usual steps
+    optim = compose_cfg("experiment=resnet1202").optim
+    assert (optim.warmup_epochs, optim.warmup_lr) == (10, 0.01)
+    epochs = [0, 9, 10, optim.milestones[0] - 1, optim.milestones[0], optim.milestones[1]]
+    assert [lr_at(e, optim) for e in epochs] == pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
+
+
+def test_gamma_and_no_milestones():
+    optim = OmegaConf.create({"lr": 0.4, "gamma": 0.5, "milestones": [2, 5], "warmup_epochs": 0,
+                              "warmup_lr": 0.0})
+    assert [lr_at(e, optim) for e in range(7)] == pytest.approx([0.4, 0.4, 0.2, 0.2, 0.2, 0.1, 0.1])
+    optim.milestones = []
+    assert {lr_at(e, optim) for e in range(100)} == {0.4}
