@@ -25,9 +25,12 @@ How a distributed run stays equal to one process over the same global batch:
 - BatchNorm normalises with per-rank statistics (so the loss is close to, not equal to,
   one process over the global batch) unless `sync_bn=true` (CUDA only: torch's
   SyncBatchNorm has no CPU kernel). Running statistics are rank 0's: DDP broadcasts
-  buffers from rank 0 before every forward.
+  buffers from rank 0 before every training forward, so after an epoch's last step each
+  rank's statistics still hold its own last half-batch; `broadcast_buffers` makes them
+  rank 0's (the checkpointed ones) again before every evaluation.
 - Evaluation is sharded: each rank counts the errors of its slice of the val/test split
-  and the counts are summed, so every rank holds the same error.
+  with the same (rank 0's) model, and the counts are summed, so every rank holds the error
+  that the checkpointed model has on the whole split.
 - Only rank 0 writes (TensorBoard events, metrics.jsonl, checkpoint.pt, results.json, and
   Hydra's .hydra/ and train.log); every rank reads the checkpoint to resume.
 
@@ -165,6 +168,13 @@ def any_rank(flag: bool, ctx: Context) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def broadcast_buffers(model: torch.nn.Module, ctx: Context) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, in place."""
+    if ctx.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def fingerprint(*tensors: torch.Tensor) -> int:

@@ -302,8 +302,10 @@ def check_launch(cfg: DictConfig) -> distributed.Context:
 def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed.SINGLE) -> tuple[float, float]:
     """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l).
 
-    Distributed: `batches` is this rank's slice of the split; the counts are summed over ranks.
+    Distributed: `batches` is this rank's slice of the split; every rank evaluates rank 0's
+    model (its BatchNorm statistics are the checkpointed ones) and the counts are summed.
     """
+    distributed.broadcast_buffers(model, ctx)
     model.eval()
     counts = torch.zeros(3, dtype=torch.int64, device=rt.device)  # top-1 wrong, top-5 wrong, seen
     for x, y in batches:

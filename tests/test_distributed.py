@@ -129,12 +129,6 @@ def one_process_errors(state: dict, ctx=None) -> dict:
     return errors
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: after the epoch's last training forward each rank's BatchNorm running statistics "
-    "include its own half-batch (DDP broadcasts rank 0's buffers only at the start of a forward), "
-    "so rank 1 evaluates its slice with statistics that are not the checkpointed model's; "
-    "measured: test 87.78 % reported vs 88.06 % for the checkpoint. Fix: broadcast rank 0's "
-    "buffers before evaluating; then drop this mark."))
 def test_evaluation_errors_are_the_checkpointed_models_in_one_process(runs):
     """The sharded val/test errors, summed over ranks, are the final model's errors on the
     whole splits, as one process measures them (rank 0's part alone gives other numbers)."""
