@@ -83,7 +83,7 @@ def load_trained_run(run_dir: str | Path, checkpoint: str | Path | None = None, 
     path = Path(checkpoint) if checkpoint else run_dir / CHECKPOINT
     if not path.is_file():
         raise AnalyzeError(f"no checkpoint at {path} (train with checkpoint=true, or pass --checkpoint PATH)")
-    saved = SavedRun.load(path)  # one-line CheckpointError for unreadable, unsafe or foreign files
+    saved = SavedRun.load(path, with_weights=True)  # one-line CheckpointError for unreadable, unsafe or foreign files
     cfg = OmegaConf.create(saved.config)
     if cfg.dataset.name not in SMALL_IMAGE_DATASETS:
         # Its test split is decoded from JPEGs per batch and normalised per channel; the

@@ -66,7 +66,12 @@ class TrainState:
         self.train_time_s, self.active_total = saved["train_time_s"], saved["active_total"]
 
 
-def read_checkpoint(path: Path) -> dict:
+# What makes a file an sdrun training checkpoint; `sdrun analyze` also needs the weights.
+IDENTITY_KEYS = ("config", "epoch")
+WEIGHT_KEYS = ("model", "normalizer")
+
+
+def read_checkpoint(path: Path, required: tuple[str, ...] = IDENTITY_KEYS) -> dict:
     """A training checkpoint, loaded safely (weights_only), or a one-line CheckpointError."""
     path = Path(path)
     if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
@@ -82,7 +87,7 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as e:  # truncated or foreign files
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
-    missing = [k for k in ("config", "epoch", "model", "normalizer") if not isinstance(state, dict) or k not in state]
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} is not an sdrun training checkpoint (missing {', '.join(missing)})")
     return state
@@ -94,14 +99,14 @@ class SavedRun:
     path: Path
     config: dict
     epoch: int
-    model: dict       # state_dict
-    normalizer: dict  # {"mean": tensor, "std": float or tensor}
-    full: dict        # everything, for TrainState.restore
+    model: dict | None       # state_dict
+    normalizer: dict | None  # {"mean": tensor, "std": float or tensor}
+    full: dict               # everything, for TrainState.restore
 
     @classmethod
-    def load(cls, path: Path) -> "SavedRun":
-        state = read_checkpoint(path)
-        return cls(Path(path), state["config"], state["epoch"], state["model"], state["normalizer"], state)
+    def load(cls, path: Path, with_weights: bool = False) -> "SavedRun":
+        state = read_checkpoint(path, IDENTITY_KEYS + (WEIGHT_KEYS if with_weights else ()))
+        return cls(Path(path), state["config"], state["epoch"], state.get("model"), state.get("normalizer"), state)
 
 
 def global_rng_state() -> dict:

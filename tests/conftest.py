@@ -32,7 +32,9 @@ SDRUN = str(Path(sys.executable).with_name("sdrun"))
 TINY = ["dataset=digits", "depth=8", "epochs=2", "max_steps_per_epoch=3", "batch_size=32",
         "eval_batch_size=512", "checkpoint=false"]
 # The tiny run of the shared console_runs fixture: seed 2, an lr drop after epoch 1, a checkpoint.
-CONSOLE_RUN = [*TINY, "seed=2", "optim.milestones=[1]", "checkpoint=true"]
+# lr drop after epoch 1: under the reference's epoch counting (the default optim.epoch_base=one)
+# the lr drops at the epoch numbered 2
+CONSOLE_RUN = [*TINY, "seed=2", "optim.milestones=[2]", "checkpoint=true"]
 
 
 def run_sdrun(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

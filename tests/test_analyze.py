@@ -168,11 +168,11 @@ def test_cli_compares_two_runs(runs):
 @pytest.mark.parametrize("args,expected", [
     (["nowhere"], "run directory nowhere does not exist"),
     (["empty"], "no checkpoint at empty/checkpoint.pt"),
-    (["sd", "--checkpoint", "empty/junk.pt"], "cannot read checkpoint empty/junk.pt"),
+    (["sd", "--checkpoint", "empty/junk.pt"], "empty/junk.pt is not a readable checkpoint"),
     (["sd", "--lesion", "2,9"], "--lesion blocks must lie in 1..6"),
     (["sd", "--lesion", "x"], "--lesion"),
     (["sd", "--k-max", "0"], "--k-max"),
-    (["sd", "--device", "tpu"], "--device 'tpu'"),
+    (["sd", "--device", "tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_input_gives_one_line_error(runs, args, expected, monkeypatch, capsys):
     # In process (the same main() the console script calls): each case would otherwise pay

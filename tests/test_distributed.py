@@ -107,15 +107,15 @@ def test_training_errors_are_counted_over_both_ranks(runs):
 def one_process_errors(state: dict, ctx=None) -> dict:
     """Val and test error (%) of a model state on the run's splits (or on one rank's part of
     them), evaluated here in one process."""
-    from sdrun.data import Normalizer, eval_batches, load_image_data
+    from sdrun.data import eval_batches, fit_normalizer, load_image_data
     from sdrun.distributed import shard
-    from sdrun.models import build_model
+    from sdrun.models import model_for
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(*RUN)
     data = load_image_data(cfg.dataset, cfg.seed)
-    normalizer = Normalizer.fit(data.train.images)
-    model = build_model(cfg.model.arch, cfg.depth, cfg.dataset.num_classes, cfg.pL, cfg.survival.value)
+    normalizer = fit_normalizer(data.train.images, cfg.dataset)  # the run's std rule, as the trainer
+    model = model_for(cfg)  # the run's shortcut and init choices
     model.load_state_dict(state)
     model = model.eval().to(memory_format=torch.channels_last)  # as the trainer evaluates on the CPU
     errors = {}

@@ -40,21 +40,21 @@ def test_results_that_do_not_say_finished_leave_the_run_resumable(tmp_path, cont
     cfg = compose_cfg(*CFG)
     checkpoint(tmp_path, cfg, epoch=2)
     (tmp_path / "results.json").write_text(content)
-    assert check_run_dir(tmp_path, cfg)["epoch"] == 2
+    assert check_run_dir(tmp_path, cfg).epoch == 2
 
 
 def test_resumable_run_returns_its_checkpoint(tmp_path):
     cfg = compose_cfg(*CFG)
     checkpoint(tmp_path, cfg, epoch=2, best={"val_error_pct": 12.5})
-    state = check_run_dir(tmp_path, cfg)
-    assert (state["epoch"], state["step"], state["best"]) == (2, 20, {"val_error_pct": 12.5})
+    saved = check_run_dir(tmp_path, cfg)
+    assert (saved.epoch, saved.full["step"], saved.full["best"]) == (2, 20, {"val_error_pct": 12.5})
 
 
 def test_runtime_settings_may_differ_between_attempts(tmp_path):
     checkpoint(tmp_path, compose_cfg(*CFG))
     again = compose_cfg(*CFG, "device=cpu", "eval_batch_size=64", "num_workers=2", "progress=off",
                         f"resume={tmp_path}", "dataset.root=elsewhere")
-    assert check_run_dir(tmp_path, again)["epoch"] == 1
+    assert check_run_dir(tmp_path, again).epoch == 1
 
 
 def test_another_configs_checkpoint_is_refused_naming_every_key(tmp_path):

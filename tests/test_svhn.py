@@ -96,15 +96,19 @@ def test_tiny_run_with_step_evaluations(tmp_path):
     for m in metrics:
         e = next(e for e in evals if e["step"] == m["step"])
         assert (e["val_error_pct"], e["test_error_pct"]) == (m["val_error_pct"], m["test_error_pct"])
-    # the selection is the first evaluation with the lowest validation error, at step granularity
-    best = min(evals, key=lambda e: e["val_error_pct"])
+    # the selection is the first evaluation with the lowest validation error, at step granularity,
+    # among the every-2-step evaluations only (select_from=steps, the reference's default): the
+    # epoch end at step 5 is evaluated but cannot be selected
+    candidates = [e for e in evals if e["step"] % 2 == 0]
+    best = min(candidates, key=lambda e: e["val_error_pct"])
     assert results["best_val_step"] == best["step"] and results["best_val_epoch"] == best["epoch"]
     assert results["best_val_error_pct"] == best["val_error_pct"]
     assert results["test_error_at_best_val_pct"] == best["test_error_pct"] is not None
-    for i, e in enumerate(evals):  # test measured inside an epoch exactly when validation improved
-        improved = e["val_error_pct"] < min([x["val_error_pct"] for x in evals[:i]], default=float("inf"))
+    for i, e in enumerate(candidates):  # test measured inside an epoch exactly when validation improved
+        improved = e["val_error_pct"] < min([x["val_error_pct"] for x in candidates[:i]], default=float("inf"))
         at_epoch_end = e["step"] in (5, 10)
         assert (e["test_error_pct"] is not None) == (improved or at_epoch_end)
+    assert next(e for e in evals if e["step"] == 5)["test_error_pct"] is not None  # epoch end: always
     assert results["dataset"] == "svhn" and results["num_blocks"] == 3
 
     by_step = EventAccumulator(str(run / "by_step"))  # step-axis curves have their own event file
