@@ -21,8 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sdrun train dataset=digits
 
+# One pytest worker per core (at most 4), whole test files per worker: a file's module-scoped
+# runs are made once, and a subprocess-heavy file overlaps with an in-process one.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # The speed figures (sdrun bench --help): SD saving, trainer overhead, eval, ResNet-1202.
 bench: $(STAMP)

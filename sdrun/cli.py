@@ -52,7 +52,8 @@ def _hydra_train() -> None:
 
         from sdrun.launchers import job_resources
         from sdrun.results import HEADLINE
-        from sdrun.runs import AlreadyFinished, undo_failed_start
+        from sdrun.guard import undo_failed_start
+        from sdrun.runs import AlreadyFinished
         from sdrun.train import Interrupted, train
 
         hc = HydraConfig.get()
@@ -123,7 +124,8 @@ def run_train(argv: list[str]) -> int:
 
 
 def _run_train() -> int:
-    from sdrun.runs import AlreadyFinished, GuardStop
+    from sdrun.guard import GuardStop
+    from sdrun.runs import AlreadyFinished
 
     try:
         try:
@@ -162,16 +164,16 @@ def sweep_note() -> str:
     """For a sweep that ended with failed jobs: how many, and where the summary is."""
     import json
 
-    from sdrun import runs
+    from sdrun import guard
 
-    if runs.LAST_SWEEP_SUMMARY is None or not runs.LAST_SWEEP_SUMMARY.is_file():
+    if guard.LAST_SWEEP_SUMMARY is None or not guard.LAST_SWEEP_SUMMARY.is_file():
         return ""
-    jobs = json.loads(runs.LAST_SWEEP_SUMMARY.read_text())["jobs"]
+    jobs = json.loads(guard.LAST_SWEEP_SUMMARY.read_text())["jobs"]
     failed = [f"job {j['num']} ({','.join(j['overrides'])})" for j in jobs if j["status"] == "failed"]
     if not failed:
         return ""
     return (f" [sweep: {len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}; the others' results "
-            f"are kept; see {runs.LAST_SWEEP_SUMMARY}]")
+            f"are kept; see {guard.LAST_SWEEP_SUMMARY}]")
 
 
 def run_table(argv: list[str]) -> int:

@@ -244,8 +244,10 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
     total_steps = spe * epochs_left
     seconds = total_steps * timing.step_s
     o = cfg.optim
-    schedule = f"lr {o.lr:g}, x{o.gamma:g} at epochs {list(o.milestones)}" + \
-        (f", {o.warmup_lr:g} for the first {o.warmup_epochs} epochs" if o.warmup_epochs else "") + \
+    from sdrun.schedule import epochs_per_lr
+    # Epochs at each lr, as the run will count them (optim.epoch_base: paper or reference reading)
+    segments = ", ".join(f"{lr:g} x {n}" for lr, n in epochs_per_lr(cfg.epochs, o))
+    schedule = f"lr {segments} epochs (milestones {list(o.milestones)}, epoch_base {o.epoch_base})" + \
         f"; SGD momentum {o.momentum:g}{' nesterov' if o.nesterov else ''}, weight decay {o.weight_decay:g}"
     val = len(data.val) if data.val is not None else 0
     lines = [

@@ -212,7 +212,7 @@ def test_multirun_under_torchrun_is_refused(tmp_path):
     assert r.returncode != 0
     assert "sdrun train: error: sdrun train -m under torchrun" in r.stderr
     # torchrun prints its own ChildFailedError report; no frame of sdrun's may show
-    assert "sdrun/runs.py" not in r.stderr and "sdrun/cli.py" not in r.stderr
+    assert "sdrun/guard.py" not in r.stderr and "sdrun/cli.py" not in r.stderr
 
 
 def test_one_process_under_torchrun_still_uses_the_process_group(tmp_path):

@@ -61,7 +61,7 @@ def _end_jobs(sweep: str, nums: list[int]) -> None:
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from sdrun.runs import RunDirGuard
+    from sdrun.guard import RunDirGuard
 
     for num in nums:
         config = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "sweep": {"dir": sweep}, "job": {"num": num},

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sdrun.config import DatasetConfig
 from sdrun.data import find_data
-from sdrun.runs import StartSnapshot, first_missing
+from sdrun.guard import StartSnapshot, first_missing
 from tests.conftest import TINY, run_sdrun, write_cifar_pickles, write_image_folder, write_svhn_mats
 
 
