@@ -253,15 +253,3 @@ def console_runs(tmp_path_factory) -> Path:
     r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", f"hydra.sweep.dir={logs}/sweep", cwd=root)
     assert r.returncode == 0, r.stderr
     return logs
-
-
-# The files whose real processes take longest (SIGKILLed runs, torchrun, sweeps, the GPU script's
-# CPU smoke run) go first: `make test` hands whole files to its workers in collection order, and
-# a long file started last would keep one core busy while the other idles.
-SLOW_FIRST = ("test_resume.py", "test_distributed.py", "test_launchers.py", "test_gpu_acceptance.py",
-              "test_status.py", "test_preflight.py", "test_analyze.py", "test_imagenet.py")
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: a file keeps its order
