@@ -20,11 +20,6 @@ def compose_preset(name: str, *overrides: str):
         return compose("train", overrides=[f"experiment={name}", *overrides], return_hydra_config=True)
 
 
-def needs_dataset(name: str):
-    return pytest.mark.skipif(not (CONF / "dataset" / f"{name}.yaml").is_file(),
-                              reason=f"conf/dataset/{name}.yaml is not in this branch yet (another issue adds it)")
-
-
 # The reference code's choices (conf/fidelity/reference.yaml): what the Table 1 presets must run.
 REFERENCE = {"model.bn_init": "uniform", "model.shortcut_pool": "subsample", "optim.epoch_base": "one",
              "dataset.std_rule": "raw", "select_from": "steps"}
@@ -38,13 +33,13 @@ EXPECTED = [
                  {"pL": "1.0,0.5", "seed": "1,2,3"}, id="table1_cifar100"),
     pytest.param("table1_svhn", {"dataset.name": "svhn", "depth": 152, "epochs": 50, "optim.milestones": [30, 35],
                                  **REFERENCE},
-                 {"pL": "1.0,0.5", "seed": "1,2,3"}, id="table1_svhn", marks=needs_dataset("svhn")),
+                 {"pL": "1.0,0.5", "seed": "1,2,3"}, id="table1_svhn"),
     # ImageNet's reference is fb.resnet.torch (conf/dataset/imagenet.yaml)
     pytest.param("table1_imagenet", {"dataset.name": "imagenet", "depth": 152, "optim.milestones": [30, 60, 90],
                                      "model.bn_init": "ones", "model.conv_init": "fan_out", "model.fc_bias": "zero",
                                      "optim.epoch_base": "zero", "dataset.color_jitter": 0.4,
                                      "dataset.lighting": 0.1},
-                 {"pL": "1.0,0.5", "epochs": "90,120"}, id="table1_imagenet", marks=needs_dataset("imagenet")),
+                 {"pL": "1.0,0.5", "epochs": "90,120"}, id="table1_imagenet"),
     # depth and schedule override the cifar10 recipe (110 layers, 500 epochs): presets come last
     pytest.param("resnet1202", {"dataset.name": "cifar10", "depth": 1202, "epochs": 300,
                                 "optim.milestones": [150, 225], "optim.warmup_epochs": 10, "optim.warmup_lr": 0.01},
