@@ -101,11 +101,10 @@ _USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def run_train(argv: list[str]) -> int:
-    from sdrun.runtime import legacy_override_error
-    from sdrun.speed import legacy_override
-    legacy = legacy_override_error(argv) or legacy_override(argv)
-    if legacy:  # bf16= and compile= from before `precision` and `speed`: say what replaced them
-        print(f"sdrun train: error: {legacy}", file=sys.stderr)
+    from sdrun.config import removed_key_error
+    removed = removed_key_error(argv)
+    if removed:  # bf16= and compile= from before `precision` and `speed`: say what replaced them
+        print(f"sdrun train: error: {removed}", file=sys.stderr)
         return 2
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = ["sdrun train", *argv]

@@ -31,6 +31,7 @@ KEYS = (
     "fp32_math", "hardware",        # TF32 flags in force (CUDA); GPU name, count, driver, cuDNN (or the CPU)
     "channels_last", "speed",       # speed: the resolved speed= mode (eager | compile | graphs)
     "world_size", "cpu_threads",
+    "fidelity",                     # which preset the paper-vs-reference choices match (sdrun.fidelity)
     "config",                       # the full resolved config (plain data)
     "versions",                     # software versions
 )

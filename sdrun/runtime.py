@@ -190,15 +190,3 @@ def device_info(device: torch.device) -> dict:
             "memory_bytes": props.total_memory, "capability": f"{props.major}.{props.minor}",
             "driver": _nvidia_driver(), "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-
-
-def legacy_override_error(argv: list[str]) -> str | None:
-    """`bf16=on` and friends from before `precision` existed: a one-line pointer to the new key."""
-    for arg in argv:
-        m = re.match(r"^[+~]{0,2}bf16(=(.*))?$", arg)
-        if m:
-            new = {"on": "bf16", "true": "bf16", "off": "tf32 (or fp32)", "false": "tf32 (or fp32)"}.get(
-                (m.group(2) or "").lower(), "auto")
-            return (f"'{arg}': the bf16 setting was replaced by precision=auto|fp32|tf32|bf16 "
-                    f"(use precision={new}; see README, Precision)")
-    return None

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 
 import torch
 from torch import nn
@@ -89,16 +88,6 @@ def apply_speed(model: nn.Module, setting, device: torch.device, world_size: int
     elif mode == "graphs":
         graph_branches(model)
     return mode
-
-
-def legacy_override(argv: list[str]) -> str | None:
-    """The one-line error for the removed `compile=` setting on a command line, or None."""
-    for arg in argv:
-        m = re.match(r"^(?:\+\+|\+|~)?compile(?:=(.*))?$", arg)
-        if m:
-            return (f"{arg!r}: the compile setting was replaced by speed=eager|compile|graphs "
-                    "(compile=true is now speed=compile)")
-    return None
 
 
 def compile_branches(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sdrun.collect import read_metrics
+from sdrun.errors import ArgParser, UserError
 from sdrun.eta import hms
 from sdrun.liveness import HEARTBEAT, LOCK, is_running
 
@@ -256,8 +257,8 @@ def _run_dirs_below(sweep_dir: Path, seen: set) -> list[Path]:
     return found
 
 
-class StatusError(ValueError):
-    """A missing directory: one line, exit 2."""
+class StatusError(UserError, ValueError):
+    """A missing directory."""
 
 
 # ---- text
@@ -324,8 +325,6 @@ def render(data: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from sdrun.errors import ArgParser
-
     parser = ArgParser(prog="sdrun status", description=(
         "Where every run and sweep below the directories stands: state (finished, running, "
         "interrupted, failed, not started), epoch, best validation error and the test error there, "
@@ -347,6 +346,6 @@ def main(argv: list[str]) -> int:
                 return 0
             time.sleep(args.watch)
     except StatusError as e:
-        return parser.fail(str(e))
+        return parser.fail(str(e), code=e.exit_code)
     except KeyboardInterrupt:
         return 0

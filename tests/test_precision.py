@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from sdrun.config import ConfigError
-from sdrun.runtime import autocast, device_info, legacy_override_error, resolve_precision, resolve_runtime
+from sdrun.config import removed_key_error
+from sdrun.runtime import autocast, device_info, resolve_precision, resolve_runtime
 from sdrun.train import train
 from tests.conftest import TINY, compose_train, run_sdrun
 
@@ -69,9 +70,9 @@ def test_device_info_on_the_cpu():
 
 
 def test_old_bf16_key_is_one_clear_line(tmp_path):
-    assert "use precision=bf16" in legacy_override_error(["depth=8", "bf16=on"])
-    assert "use precision=tf32" in legacy_override_error(["++bf16=off"])
-    assert legacy_override_error(["precision=bf16", "dataset=digits"]) is None
+    assert "use precision=bf16" in removed_key_error(["depth=8", "bf16=on"])
+    assert "use precision=tf32" in removed_key_error(["++bf16=off"])
+    assert removed_key_error(["precision=bf16", "dataset=digits"]) is None
     r = run_sdrun("train", *TINY, "bf16=on", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     err = r.stderr.strip()
