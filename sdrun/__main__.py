@@ -1,4 +1,4 @@
-from sdrun.cli import main
+from sdrun.cli import console_script
 
 if __name__ == "__main__":
-    main()
+    console_script()

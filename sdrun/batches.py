@@ -21,16 +21,18 @@ the other), with the same distribution. Without augmentation the batches are ide
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
 from sdrun import distributed
 from sdrun.data import (Normalizer, RunData, Split, TrainBatches, eval_batches, fit_normalizer, load_image_data,
                         steps_per_epoch)
 from sdrun.rng import cpu_generator
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 
 class EpochOrder(Sampler[int]):
@@ -65,6 +67,10 @@ class AugmentedImages(Dataset):
 
 def paper_augmentation(image_size: int, translate: int, flip: bool) -> v2.Transform:
     """+-translate px translation (zero fill: the inputs are already normalised) and p=0.5 flips."""
+    # Imported here: torchvision's import costs seconds (it pulls in torch._dynamo), and only
+    # the DataLoader path needs its transforms.
+    from torchvision.transforms import v2
+
     steps = []
     if translate:
         steps.append(v2.RandomCrop(image_size, padding=translate, fill=0, padding_mode="constant"))

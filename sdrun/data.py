@@ -11,6 +11,7 @@ are the same on the CPU and on a GPU, and restorable from a checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
@@ -199,6 +200,25 @@ def _first_unreadable_pickle(folder: Path, files: list[str]) -> Path | None:
     return None
 
 
+def _read_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' 64 grey levels and labels, as sklearn.datasets.load_digits returns them.
+
+    The file inside the installed scikit-learn is read directly: importing scikit-learn
+    costs a second or more of start-up, several times this whole dataset's reading and
+    the demo's first epoch. Its path is internal to scikit-learn, so load_digits() is the
+    fallback if a release moves it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data, d.target
+
+
 def load_digits_data(size: int) -> tuple[Split, Split, list[str]]:
     """scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside the package).
 
@@ -206,13 +226,11 @@ def load_digits_data(size: int) -> tuple[Split, Split, list[str]]:
     resized to size x size, repeated over 3 channels. The last 360 images (20 %) are the
     fixed test set, so the test set does not move with the seed.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().unsqueeze(1) * (255.0 / 16.0)
+    pixels, digits = _read_digits()
+    x = torch.from_numpy(pixels).float().reshape(-1, 1, 8, 8) * (255.0 / 16.0)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    y = torch.from_numpy(d.target).long()
+    y = torch.from_numpy(digits).long()
     n_test = 360
     classes = [str(c) for c in range(10)]
     return Split(x[:-n_test], y[:-n_test]), Split(x[-n_test:], y[-n_test:]), classes

@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
-import torch
-
 from sdrun.errors import UserError
 
 _UMASK = os.umask(0)
@@ -64,6 +62,8 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
+    import torch  # here, not at the top: the run-directory checks import this module (sdrun.state)
+
     # Serialise in memory first: torch.save on a failing file reports a disk error as an
     # opaque RuntimeError from its zip writer; writing the bytes ourselves keeps the OSError.
     buffer = io.BytesIO()
@@ -73,6 +73,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load with weights_only=True: tensors and plain containers only, never pickled code."""
+    import torch
+
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -96,13 +96,15 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
                 data_cache: dict | None = None) -> str | None:
     """Why this job would fail before training, or None. `device_here=False` for launchers
     that run the job on another machine (SLURM): its device is not checked here."""
-    from sdrun.data import find_data
-    from sdrun.runs import AlreadyFinished, check_run_dir
-
     try:
         validate(cfg if device_here else _with(cfg, device="cpu"))
     except ConfigError as e:
         return str(e)
+    # Imported after the range checks: sdrun.data imports torch (seconds), which a sweep with
+    # a bad value should not wait for.
+    from sdrun.data import find_data
+    from sdrun.runs import AlreadyFinished, check_run_dir
+
     ds = cfg.dataset
     key = (ds.name, ds.root, str(ds.format), ds.download)
     cache = {} if data_cache is None else data_cache
@@ -166,9 +168,10 @@ class Timing:
     peak_memory: str
 
 
-def time_steps(cfg: DictConfig, out=sys.stdout) -> tuple[dict, Timing]:
+def time_steps(cfg: DictConfig, out=None) -> tuple[dict, Timing]:
     """Build a run's data, model and optimiser as `sdrun.train.train` does, and time
     TIMED_STEPS real training steps after WARMUP_STEPS; returns (facts, timing)."""
+    out = out or sys.stdout  # the current one, not the one when this module was imported
     import torch
 
     from sdrun.batches import build_run_data
@@ -284,10 +287,11 @@ def epochs_left(cfg: DictConfig, run_dir: Path | None) -> int:
     return cfg.epochs - (saved.epoch if saved is not None else 0)
 
 
-def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=sys.stdout) -> float:
+def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=None) -> float:
     """check=true: print each job's setting, timing and projection, and the sweep's total.
 
     Jobs whose settings differ only in the seed share one timing (same model, same work)."""
+    out = out or sys.stdout  # the current one, not the one when this module was imported
     from sdrun.runs import AlreadyFinished
 
     print("sdrun train: check=true: setting, data, model and a few timed steps; nothing is trained or written",

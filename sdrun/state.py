@@ -16,13 +16,18 @@ import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from sdrun.errors import UserError
 from sdrun.files import load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: the run-directory checks read this module, and
+# `sdrun train` with a bad setting should answer before torch's import (seconds) is paid.
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -111,6 +116,8 @@ class SavedRun:
 
 def global_rng_state() -> dict:
     """Every global RNG a run could touch (python, numpy, torch CPU and CUDA), weights_only-safe."""
+    import torch
+
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -121,6 +128,8 @@ def global_rng_state() -> dict:
 
 
 def set_global_rng_state(state: dict) -> None:
+    import torch
+
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
