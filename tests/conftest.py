@@ -10,20 +10,28 @@ script, the TensorBoard server.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import gc
 import io
 import json
 import logging
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# One intra-op thread per test process (set before torch is imported, inherited by every
+# subprocess): make test runs a pytest worker per core and each starts training processes,
+# so torch's default of a thread per core would oversubscribe the cores (on 2 cores the
+# suite took 6:00 with the default and 4:43 with this, docs/test-suite-2026-11-30.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from omegaconf import DictConfig
 
 SDRUN = str(Path(sys.executable).with_name("sdrun"))
@@ -105,6 +113,8 @@ def compose_cfg(*overrides: str) -> DictConfig:
 def global_state_kept():
     """Put back the process-wide torch/NumPy/Python state a training run sets (seeds,
     threads, deterministic algorithms), so in-process runs leak nothing into other tests."""
+    import torch  # not at the top: pytest-xdist's controller loads this file and runs no test
+
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     threads = torch.get_num_threads()
     deterministic = (torch.are_deterministic_algorithms_enabled(),
@@ -229,27 +239,43 @@ def write_imagenet_folder(root: Path, wnids=("n01440764", "n01443537", "n0148485
     return root
 
 
-def compose_train(*overrides: str):
-    """The `sdrun train` config for these overrides, composed in-process (for train(cfg, dir))."""
-    from hydra import compose, initialize_config_module
-
-    from sdrun.config import register_configs
-
-    register_configs()
-    with initialize_config_module("sdrun.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """make(folder) once per test session, even with pytest-xdist's workers: they share the
+    session's temporary root (the parent of each worker's own), so the first worker to get
+    the lock makes the folder and the others reuse it (the recipe in pytest-xdist's docs)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (root / f"{name}.done").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def console_runs(tmp_path_factory) -> Path:
-    """Real `sdrun train` processes shared by several test files, in one TensorBoard log dir:
-    logs/run      a tiny run (seed 2, lr drop after epoch 1, checkpoint on)
-    logs/sweep/N  a two-job multirun sweep over pL = 0.5, 1.0
+    """Real `sdrun train` runs shared by several test files (read-only), in one TensorBoard log dir:
+    logs/run      a tiny run (seed 2, lr drop after epoch 1, checkpoint on), through the CLI's main()
+    logs/sweep/N  a two-job multirun sweep over pL = 0.5, 1.0, in a real `sdrun train -m` process
     """
-    root = tmp_path_factory.mktemp("console")
-    logs = root / "logs"
-    r = run_sdrun("train", *CONSOLE_RUN, f"hydra.run.dir={logs}/run", cwd=root)
-    assert r.returncode == 0, r.stderr
-    r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", f"hydra.sweep.dir={logs}/sweep", cwd=root)
-    assert r.returncode == 0, r.stderr
-    return logs
+    def make(root: Path) -> None:
+        logs = root / "logs"
+        r = sdrun_main("train", *CONSOLE_RUN, f"hydra.run.dir={logs}/run", cwd=root)
+        assert r.returncode == 0, r.stderr
+        r = run_sdrun("train", "-m", *TINY, "pL=0.5,1.0", f"hydra.sweep.dir={logs}/sweep", cwd=root)
+        assert r.returncode == 0, r.stderr
+
+    return made_once(tmp_path_factory, "console", make) / "logs"
+
+
+def pytest_sessionfinish(session) -> None:
+    # A worker that imported torch spends 1-2 s at exit in the interpreter's last garbage
+    # collection; freezing the heap skips it, as `sdrun` itself does (sdrun.cli.console_script).
+    gc.freeze()

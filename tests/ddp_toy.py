@@ -6,12 +6,12 @@ sdrun.distributed (DDP, each rank its shard of an unevenly split global batch) a
 in plain single-process PyTorch. Each rank writes OUT_DIR/rank<RANK>.json with the largest
 difference to the reference and a fingerprint of its parameters.
 
-usage: torchrun --nproc_per_node=2 ddp_toy.py OUT_DIR
+`check(OUT_DIR)` joins the process group and leaves it up: tests/ddp_probe.py calls it
+before its training run in the same torchrun launch (a launch costs seconds of start-up).
 """
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -50,23 +50,22 @@ def train(model, module, ctx, x, y):
         optimizer.step()
 
 
-ctx = distributed.init()
-torch.manual_seed(0)
-x, y = torch.randn(15, 8), torch.randint(0, 4, (15,))  # 15 = 8 + 7: an uneven split
-model = Toy()
-reference, initial = copy.deepcopy(model), copy.deepcopy(model)
-train(model, distributed.wrap(model, torch.device("cpu"), ctx, sync_bn=False), ctx, x, y)
-train(reference, reference, distributed.SINGLE, x, y)
+def check(out: Path) -> None:
+    ctx = distributed.init()
+    torch.manual_seed(0)
+    x, y = torch.randn(15, 8), torch.randint(0, 4, (15,))  # 15 = 8 + 7: an uneven split
+    model = Toy()
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    train(model, distributed.wrap(model, torch.device("cpu"), ctx, sync_bn=False), ctx, x, y)
+    train(reference, reference, distributed.SINGLE, x, y)
 
-params, ref, init = (dict(m.named_parameters()) for m in (model, reference, initial))
-report = {
-    "world_size": ctx.world_size,
-    "max_abs_diff_to_single_process": max((params[k] - ref[k]).abs().max().item() for k in params),
-    # block 2 (index 1) is dropped in steps 2-4: its change there is weight decay + momentum only
-    "dropped_block_moved": (params["blocks.1.branch.0.weight"] - init["blocks.1.branch.0.weight"]).abs().max().item(),
-    "fingerprint": distributed.fingerprint(*params.values()),
-}
-out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-(out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
-distributed.teardown()
+    params, ref, init = (dict(m.named_parameters()) for m in (model, reference, initial))
+    report = {
+        "world_size": ctx.world_size,
+        "max_abs_diff_to_single_process": max((params[k] - ref[k]).abs().max().item() for k in params),
+        # block 2 (index 1) is dropped in steps 2-4: its change there is weight decay + momentum only
+        "dropped_block_moved": (params["blocks.1.branch.0.weight"] - init["blocks.1.branch.0.weight"]).abs().max().item(),
+        "fingerprint": distributed.fingerprint(*params.values()),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))

@@ -1,5 +1,5 @@
-"""sdrun analyze on tiny runs trained in process (sdrun.train.train); the console script
-runs `sdrun analyze` once (test_cli_compares_two_runs).
+"""sdrun analyze on tiny runs trained in process (sdrun.train.train); the CLI's main() runs
+`sdrun analyze` once (test_cli_compares_two_runs), in this process like the rest.
 
 The exact-equality checks compare the analysis's gated networks with forwards written out
 block by block: H = ReLU(shortcut(H) + s * branch(H)), s = 1 (gate open) or p_l (test rule).
@@ -17,13 +17,14 @@ from sdrun.analyze import (SubnetworkEvaluator, analyze_run, doubling, load_trai
                            own_bn_statistics)
 from sdrun.files import load_checkpoint, save_checkpoint
 from sdrun.stochastic import GateSampler
-from tests.conftest import TINY, run_sdrun, train_in_process, write_cifar_pickles
+from tests.conftest import TINY, sdrun_main, train_in_process, write_cifar_pickles
 
-# ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5). fidelity=paper (gamma = 1):
+# ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5), on 16 x 16 digits (a
+# quarter of the 32 x 32 forwards' work: the analysis runs hundreds). fidelity=paper (gamma = 1):
 # after these few steps the reference's U(0, 1) gammas left a net whose every lesion had the same
 # test error (90.28 %), so the lesion checks could not tell blocks apart; the analysis itself
 # does not depend on the init.
-TRAIN = [*TINY, "depth=14", "checkpoint=true", "fidelity=paper"]
+TRAIN = [*TINY, "depth=14", "checkpoint=true", "fidelity=paper", "dataset.image_size=16"]
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +137,8 @@ def test_same_seed_same_numbers(sd):
 
 
 def test_cli_compares_two_runs(runs):
-    r = run_sdrun("analyze", "sd", "--compare", "const", "--k-max", "4", "--lesion", "1,3-4",
-                  "--removal-draws", "2", "--bn-recompute", "64", "--out", "out", cwd=runs)
+    r = sdrun_main("analyze", "sd", "--compare", "const", "--k-max", "4", "--lesion", "1,3-4",
+                   "--removal-draws", "2", "--bn-recompute", "64", "--out", "out", cwd=runs)
     assert r.returncode == 0, r.stderr
     out = runs / "out"
     data = json.loads((out / "analysis.json").read_text())
@@ -193,7 +194,9 @@ def test_data_root_points_at_a_moved_dataset(runs, monkeypatch, capsys):
     monkeypatch.chdir(runs)
     state = load_checkpoint(runs / "sd" / "checkpoint.pt")
     state["config"]["dataset"].update(name="cifar10", root="moved-away", format="pickle", check_md5=False,
-                                      val_size=50)
+                                      val_size=50, image_size=32)
+    # CIFAR's 32 x 32 images (this run was trained on 16 x 16 digits): a mean image of their size
+    state["normalizer"]["mean"] = torch.nn.functional.interpolate(state["normalizer"]["mean"][None], size=32)[0]
     (runs / "c10run").mkdir(exist_ok=True)
     save_checkpoint(runs / "c10run" / "checkpoint.pt", state)
     with pytest.raises(SystemExit) as exit_:

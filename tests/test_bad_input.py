@@ -54,7 +54,7 @@ def world(tmp_path_factory) -> Path:
     write_cifar_pickles(w / "c10bad")
     (w / "c10bad" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     # A resumable CIFAR run whose data then goes missing, and a reused directory without a run.
-    r = run_sdrun("train", *BASE, *C10RUN, f"dataset.root={w}/c10", "hydra.run.dir=c10run", cwd=w)
+    r = sdrun_main("train", *BASE, *C10RUN, f"dataset.root={w}/c10", "hydra.run.dir=c10run", cwd=w)
     assert r.returncode == 0, r.stderr
     (w / "c10run" / "results.json").unlink()
     (w / "reused" / ".hydra").mkdir(parents=True)

@@ -1,8 +1,9 @@
 """`sdrun bench` end to end, shrunk to seconds: the report's structure and its arithmetic.
 
 No timing threshold here (that is what the benchmark itself is for): only that it measures
-what it says, in one process, and writes it all down. The console script runs it once; the
-other cases go through the same main() in this process.
+what it says, in one process, and writes it all down. Every case goes through the CLI's main()
+in this process (scripts/gpu_acceptance.sh runs the installed `sdrun bench`, and its CPU
+smoke test in tests/test_gpu_acceptance.py runs that twice).
 """
 
 import json
@@ -10,7 +11,7 @@ import json
 import pytest
 
 from sdrun.stochastic import expected_active_blocks, survival_probs
-from tests.conftest import run_sdrun, sdrun_main
+from tests.conftest import sdrun_main
 
 SMALL = ["--depth", "8", "--deep-depth", "14", "--batch-size", "16", "--steps", "1", "--repeats", "2",
          "--warmup", "1", "--deep-steps", "1", "--deep-repeats", "2", "--trainer-steps", "2",
@@ -19,7 +20,7 @@ SMALL = ["--depth", "8", "--deep-depth", "14", "--batch-size", "16", "--steps", 
 
 
 def test_bench_writes_every_section(tmp_path):
-    r = run_sdrun("bench", *SMALL, "--out", "out/bench.json", cwd=tmp_path)
+    r = sdrun_main("bench", *SMALL, "--out", "out/bench.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     env, res = report["environment"], report["results"]

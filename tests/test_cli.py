@@ -1,5 +1,5 @@
-"""End to end through the real console script (the shared console_runs fixture), and the
-same trainer in this process."""
+"""End to end through the CLI (the shared console_runs fixture: a run through main(), a sweep
+in a real `sdrun train -m` process), and the same trainer called directly."""
 
 import json
 
@@ -69,7 +69,8 @@ def test_tiny_run_writes_events_metrics_results(console_runs):
 
 
 def test_same_seed_same_numbers(console_runs, tmp_path):
-    """The console script's run, repeated in this process: the same numbers; another seed: others."""
+    """The CLI's run, repeated by calling the trainer directly: the same numbers; another seed: others.
+    (Across processes: test_resume.py's runs, resumed in other processes, match a run in this one.)"""
     console = strip(read_jsonl(console_runs / "run" / "metrics.jsonl"))
     train_in_process(tmp_path / "a", *CONSOLE_RUN)
     assert strip(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == console

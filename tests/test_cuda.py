@@ -35,7 +35,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tests.conftest import compose_train, read_jsonl  # noqa: E402
+from tests.conftest import compose_cfg, read_jsonl  # noqa: E402
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -49,7 +49,7 @@ WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_
 
 def train_run(run_dir: Path, *overrides: str) -> dict:
     from sdrun.train import train
-    return train(compose_train(*RUN, *overrides), run_dir)
+    return train(compose_cfg(*RUN, *overrides), run_dir)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -67,6 +68,16 @@ def test_digits_are_brought_to_cifar_shape():
     assert (len(data.train), len(data.val), len(data.test)) == (1237, 200, 360)
     assert data.train.images.shape[1:] == (3, 32, 32) and data.train.images.dtype == torch.uint8
     assert set(data.test.labels.tolist()) == set(range(10))
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    from sklearn.datasets import load_digits
+
+    from sdrun.data import _read_digits
+
+    pixels, labels = _read_digits()
+    reference = load_digits()
+    assert np.array_equal(pixels, reference.data) and np.array_equal(labels, reference.target)
 
 
 def test_normalizer_uses_mean_image_and_one_global_std():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import read_jsonl
+from tests.conftest import read_jsonl, sdrun_main
 
 HERE = Path(__file__).parent
 # depth 14 = 6 blocks with linear decay to 0.5: most steps drop at least one block.
@@ -29,31 +29,40 @@ WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_
               "elapsed_s", "eta_s"}
 
 
-def env() -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HYDRA_FULL_ERROR")}
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(HERE.parent))
+def env(**extra: str) -> dict:
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "HYDRA_FULL_ERROR", "DDP_TOY_OUT")}
+    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(HERE.parent), **extra)
     return e
 
 
-def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd: Path, nproc: int = 2, **extra_env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=300)
 
 
-def probe(out: Path, run_dir: Path, cwd: Path, kill_after: int = 0, nproc: int | None = 2):
-    args = [str(HERE / "ddp_probe.py"), str(out), str(kill_after), *RUN, f"hydra.run.dir={run_dir}"]
-    if nproc is None:  # one plain process, no torchrun
-        return subprocess.run([sys.executable, *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
-    return torchrun(*args, cwd=cwd, nproc=nproc)
+def probe(out: Path, run_dir: Path | None, cwd: Path, kill_after: int = 0, **extra_env: str):
+    """The run under torchrun (2 processes), recorded by tests/ddp_probe.py; run_dir None: the default."""
+    where = [] if run_dir is None else [f"hydra.run.dir={run_dir}"]
+    return torchrun(str(HERE / "ddp_probe.py"), str(out), str(kill_after), *RUN, *where, cwd=cwd, **extra_env)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """One 2-process run and the same run in one process, both recorded by the probe."""
+    """One 2-process run under torchrun and the same run in this process (through the CLI's
+    main()), both recorded by the probe; the torchrun launch runs tests/ddp_toy.py's check first."""
+    from tests.ddp_probe import recording
+
     root = tmp_path_factory.mktemp("ddp")
-    for name, nproc in (("ddp", 2), ("single", None)):
-        r = probe(root / name / "probe", root / name / "run", root, nproc=nproc)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # No hydra.run.dir: each rank would resolve the default's ${now:...} itself; all must use rank 0's.
+    (root / "ddp").mkdir()
+    r = probe(root / "ddp" / "probe", None, root / "ddp", DDP_TOY_OUT=str(root / "toy"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_dir,) = (root / "ddp" / "runs").iterdir()
+    (root / "ddp" / "run").symlink_to(run_dir)
+    with recording(root / "single" / "probe"):
+        r = sdrun_main("train", *RUN, f"hydra.run.dir={root / 'single' / 'run'}", cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
     return root
 
 
@@ -167,9 +176,6 @@ def test_only_rank_zero_writes_one_run_directory(runs):
     assert log.count("epoch 1/2") == 1 and "distributed: 2 processes, global batch 32" in log
 
 
-# The default run directory (${now:...}) shared by all ranks: test_imagenet.py's torchrun run.
-
-
 def test_all_ranks_resume_from_rank_zero_checkpoint(runs, tmp_path):
     """Kill the 2-process run after its first checkpoint; the same command resumes it to the
     numbers of the uninterrupted run."""
@@ -193,12 +199,11 @@ def test_all_ranks_resume_from_rank_zero_checkpoint(runs, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_ddp_update_equals_single_process_with_dropped_blocks(tmp_path):
+def test_ddp_update_equals_single_process_with_dropped_blocks(runs):
     """No BatchNorm, an uneven split (8 + 7), blocks dropped: DDP's update is the single-process
-    one to float rounding, and dropped blocks get weight decay and momentum there too."""
-    r = torchrun(str(HERE / "ddp_toy.py"), str(tmp_path), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    one to float rounding, and dropped blocks get weight decay and momentum there too
+    (tests/ddp_toy.py, run in the fixture's torchrun launch)."""
+    reports = [json.loads((runs / "toy" / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert all(rep["world_size"] == 2 for rep in reports)
     assert reports[0]["fingerprint"] == reports[1]["fingerprint"]
     for rep in reports:
@@ -208,18 +213,8 @@ def test_ddp_update_equals_single_process_with_dropped_blocks(tmp_path):
 
 def test_multirun_under_torchrun_is_refused(tmp_path):
     r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", "-m", *RUN,
-                 "seed=1,2", cwd=tmp_path)
+                 "seed=1,2", cwd=tmp_path, nproc=1)  # one process is under torchrun too
     assert r.returncode != 0
     assert "sdrun train: error: sdrun train -m under torchrun" in r.stderr
     # torchrun prints its own ChildFailedError report; no frame of sdrun's may show
     assert "sdrun/guard.py" not in r.stderr and "sdrun/cli.py" not in r.stderr
-
-
-def test_one_process_under_torchrun_still_uses_the_process_group(tmp_path):
-    """torchrun --nproc_per_node=1 is a distributed run of one (DDP, collectives; NCCL and
-    SyncBatchNorm on a GPU: tests/test_cuda.py), not a silent fallback to the plain loop."""
-    r = torchrun("-m", "sdrun", "train", *RUN, "hydra.run.dir=run", cwd=tmp_path, nproc=1)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "distributed: 1 processes" in (tmp_path / "run" / "train.log").read_text()
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["world_size"] == 1 and results["status"] == "finished"

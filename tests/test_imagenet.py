@@ -144,7 +144,6 @@ def test_recipe_and_120_epoch_variant():
     validate(cfg)
     assert (cfg.model.arch, cfg.depth, cfg.batch_size, cfg.optim.lr, cfg.optim.nesterov) == \
         ("imagenet_resnet", 152, 128, 0.1, True)
-    from sdrun.schedule import lr_at
     lrs = [lr_at(e, cfg.optim) for e in (0, 29, 30, 60, 89, 90, 119)]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
     # (dataset=imagenet depth=110 through the CLI: a case in test_bad_input.py)
@@ -194,39 +193,43 @@ def test_global_batches_are_split_across_ranks_without_overlap():
     assert [len(p[0]) for p in parts] == [3, 3, 2]
 
 
-def test_tiny_imagenet_run_under_torchrun_in_the_default_run_dir(tmp_path):
+def test_tiny_imagenet_run_under_torchrun_in_one_process(tmp_path):
+    """ImageNet through the real console script under torchrun. One process is a distributed run
+    of one (DDP, collectives, sharded evaluation; NCCL and SyncBatchNorm on a GPU: tests/test_cuda.py),
+    not a silent fallback to the plain loop. Two ranks, their default run directory and the sum
+    of their evaluation counts: tests/test_distributed.py; ImageNet's shards, here in process."""
     from tests.test_distributed import torchrun
 
-    # 18 training images in global batches of 6: 3 per rank (at 32 px ResNet-18 ends at 1x1, and
-    # BatchNorm needs more than one value per channel, so no rank may get a batch of 1). The val/
-    # folder has 3 x 5 = 15 images: 8 on rank 0, 7 on rank 1.
+    # 18 training images in global batches of 6 (at 32 px ResNet-18 ends at 1x1, and BatchNorm
+    # needs more than one value per channel, so no rank may get a batch of 1); val/ has 3 x 5.
     write_imagenet_folder(tmp_path / "imagenet", per_class=(6, 5))
     args = ["dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}", "dataset.num_classes=3",
             "dataset.image_size=32", "dataset.resize_size=36", "depth=18", "epochs=2", "batch_size=6",
             "eval_batch_size=4", "num_workers=0"]
-    # No hydra.run.dir: each rank would resolve the default's ${now:...} itself; all must use rank 0's.
-    r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *args, cwd=tmp_path)
+    r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *args, cwd=tmp_path, nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "results.json").is_file() and (run_dir / ".hydra").is_dir()
+    assert "distributed: 1 processes" in (run_dir / "train.log").read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 1 and results["status"] == "finished"
     train_in_process(tmp_path / "single", *args)
     ddp, single = (read_jsonl(d / "metrics.jsonl") for d in (run_dir, tmp_path / "single"))
     assert [m["step"] for m in ddp] == [m["step"] for m in single] == [3, 6]
-    assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
 
-    # Evaluation is sharded and the counts summed: the run's test error is its final model's
-    # error on the whole val/ folder, measured here in one process.
+    # The run's test error is its final model's error on the whole val/ folder, measured here;
+    # and two ranks' shards of val/ split it: their counts add up to the whole's.
     cfg = compose_cfg(*args)
     model = build_model("imagenet_resnet", 18, 3, cfg.pL, "linear")
     model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["model"])
     model.eval()
 
-    def error_pct(ctx):
+    def wrong_of(ctx) -> tuple[int, int]:
         batches = list(load_imagenet(cfg, torch.device("cpu"), ctx=ctx).eval_sets["test"]())
         with torch.inference_mode():
             wrong = sum(int((model(x).argmax(1) != y).sum()) for x, y in batches)
-        return 100.0 * wrong / sum(len(y) for _, y in batches)
+        return wrong, sum(len(y) for _, y in batches)
 
-    whole = error_pct(SINGLE)
-    assert error_pct(Context(0, 2)) != whole, "rank 0's part alone has the same error: the check proves nothing"
-    assert ddp[-1]["test_error_pct"] == pytest.approx(whole, abs=1e-9)
+    (wrong, images), parts = wrong_of(SINGLE), [wrong_of(Context(r, 2)) for r in (0, 1)]
+    assert ddp[-1]["test_error_pct"] == pytest.approx(100.0 * wrong / images, abs=1e-9)
+    assert [n for _, n in parts] == [8, 7] and tuple(map(sum, zip(*parts))) == (wrong, images)

@@ -9,13 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from hydra.types import RunMode
 
 from sdrun.launchers import available_cores, claim_slot, default_local_jobs, gpu_slot, threads_per_job
 from tests.conftest import TINY, run_sdrun, sdrun_main, write_cifar_pickles
-
-SWEEP = [*TINY, "epochs=1", "max_steps_per_epoch=2", "seed=1,2"]
 
 
 def results_below(folder: Path) -> dict[int, dict]:
@@ -24,37 +21,43 @@ def results_below(folder: Path) -> dict[int, dict]:
     return {r["seed"]: r for r in found}
 
 
-@pytest.mark.parametrize("launcher", ["hydra/launcher=parallel", "hydra/launcher=submitit_local"])
-def test_two_job_sweep_lands_where_runs_are_found(tmp_path, launcher):
-    # jobs_per_gpu is sdrun's key: it must reach the jobs and never joblib.Parallel.
-    extra = ["hydra.launcher.n_jobs=2", "hydra.launcher.jobs_per_gpu=3"] if launcher.endswith("parallel") else []
-    r = run_sdrun("train", "-m", *SWEEP, launcher, *extra, "hydra.sweep.dir=sweep", cwd=tmp_path)
+def test_submitit_sweep_lands_where_runs_are_found(tmp_path):
+    """submitit's local executor (the SLURM launcher's code path without SLURM): one job, in
+    its own process, lands where tables find it (several jobs at once: the parallel test)."""
+    r = run_sdrun("train", "-m", *TINY, "epochs=1", "max_steps_per_epoch=2", "seed=1",
+                  "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     sweep = tmp_path / "sweep"
     results = results_below(sweep)
-    assert sorted(results) == [1, 2]
-    assert all(res["status"] == "finished" for res in results.values())
-    assert {p.parent.name for p in sweep.rglob("results.json")} == {"0", "1"}
+    assert sorted(results) == [1] and results[1]["status"] == "finished"
+    assert [p.parent.name for p in sweep.rglob("results.json")] == ["0"]
     summary = json.loads((sweep / "sweep_summary.json").read_text())
-    assert [j["num"] for j in summary["jobs"]] == [0, 1] and summary["failed"] == 0
-    if launcher.endswith("parallel"):  # two jobs at once share the cores
-        assert {res["cpu_threads"] for res in results.values()} == {max(1, available_cores() // 2)}
+    assert [j["num"] for j in summary["jobs"]] == [0] and summary["failed"] == 0
 
 
-def test_failed_job_in_a_parallel_sweep_is_named_and_the_other_kept(tmp_path):
-    # A failure the pre-flight cannot foresee: job 1's data files are all there, one is truncated.
+def test_parallel_sweep_lands_where_runs_are_found_and_names_its_failed_jobs(tmp_path):
+    """Four jobs on two joblib workers: two on good CIFAR-10 files land where tables find them,
+    two on a truncated copy (a failure the pre-flight cannot foresee: every file is there)
+    fail, are named on the last line and in sweep_summary.json, and leave the others' results."""
     write_cifar_pickles(tmp_path / "good")
     write_cifar_pickles(tmp_path / "bad")
     (tmp_path / "bad" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
+    # jobs_per_gpu is sdrun's key: it must reach the jobs and never joblib.Parallel.
     r = run_sdrun("train", "-m", "dataset=cifar10", "dataset.check_md5=false", "dataset.val_size=20", "depth=8",
                   "epochs=1", "max_steps_per_epoch=2", "batch_size=32", "checkpoint=false", "dataset.root=good,bad",
-                  "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+                  "seed=1,2", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.launcher.jobs_per_gpu=3",
+                  "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2
     line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("sdrun train: error: cannot read cifar10") and "1 of 2 jobs failed: job 1" in line
-    summary = json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())
-    assert [(j["num"], j["status"]) for j in summary["jobs"]] == [(0, "finished"), (1, "failed")]
-    assert (tmp_path / "sweep" / "0" / "results.json").is_file()
+    assert line.startswith("sdrun train: error: cannot read cifar10") and "2 of 4 jobs failed: job 2" in line, line
+    sweep = tmp_path / "sweep"
+    summary = json.loads((sweep / "sweep_summary.json").read_text())
+    assert [(j["num"], j["status"]) for j in summary["jobs"]] == [
+        (0, "finished"), (1, "finished"), (2, "failed"), (3, "failed")]
+    results = results_below(sweep)
+    assert sorted(results) == [1, 2] and all(res["status"] == "finished" for res in results.values())
+    assert {p.parent.name for p in sweep.rglob("results.json")} == {"0", "1"}
+    assert {res["cpu_threads"] for res in results.values()} == {max(1, available_cores() // 2)}  # 2 at once
 
 
 def _end_jobs(sweep: str, nums: list[int]) -> None:
@@ -185,7 +188,8 @@ def test_threads_and_n_jobs_follow_k_times_gpus():
 
 
 def test_bad_jobs_per_gpu_is_one_line(tmp_path):
-    r = run_sdrun("train", "-m", *TINY, "hydra/launcher=parallel", "hydra.launcher.jobs_per_gpu=0",
-                  "hydra.sweep.dir=sweep", cwd=tmp_path)
+    r = sdrun_main("train", "-m", *TINY, "hydra/launcher=parallel", "hydra.launcher.jobs_per_gpu=0",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "sdrun train: error: hydra.launcher.jobs_per_gpu=0 must be at least 1"
+    assert not (tmp_path / "sweep").exists()

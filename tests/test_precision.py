@@ -12,7 +12,7 @@ from sdrun.config import ConfigError
 from sdrun.config import removed_key_error
 from sdrun.runtime import autocast, device_info, resolve_precision, resolve_runtime
 from sdrun.train import train
-from tests.conftest import TINY, compose_train, run_sdrun
+from tests.conftest import TINY, compose_cfg, run_sdrun
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,7 @@ def test_autocast_follows_the_training_and_the_evaluation_precision():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_run_records_its_resolved_precision_and_hardware(tmp_path, precision):
-    cfg = compose_train(*TINY, "device=cpu", f"precision={precision}")
+    cfg = compose_cfg(*TINY, "device=cpu", f"precision={precision}")
     results = train(cfg, tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["precision"] == on_disk["eval_precision"] == precision

@@ -1,5 +1,6 @@
 """Pre-flight: a sweep is checked before its first job, check=true projects and writes nothing,
-and a run that never started leaves its directory as it found it."""
+and a run that never started leaves its directory as it found it. One sweep is refused by a
+real `sdrun train -m` process; the other cases go through the CLI's main() in this process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 from sdrun.config import DatasetConfig
 from sdrun.data import find_data
 from sdrun.guard import StartSnapshot, first_missing
-from tests.conftest import TINY, run_sdrun, write_cifar_pickles, write_image_folder, write_svhn_mats
+from tests.conftest import TINY, run_sdrun, sdrun_main, write_cifar_pickles, write_image_folder, write_svhn_mats
 
 
 def tree(folder: Path) -> dict:
@@ -32,8 +33,8 @@ def test_sweep_with_one_bad_value_launches_nothing_and_names_it(tmp_path):
 
 def test_sweep_over_a_missing_dataset_launches_nothing(tmp_path):
     write_cifar_pickles(tmp_path / "c10")
-    r = run_sdrun("train", "-m", "dataset=cifar10", "dataset.root=c10,nowhere", "depth=8,abc", "epochs=1",
-                  "hydra.sweep.dir=sweep", cwd=tmp_path)
+    r = sdrun_main("train", "-m", "dataset=cifar10", "dataset.root=c10,nowhere", "depth=8,abc", "epochs=1",
+                   "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2
     errors = r.stderr.strip().splitlines()
     assert len(errors) == 4 and "Traceback" not in r.stderr, r.stderr
@@ -47,7 +48,7 @@ def test_sweep_over_a_missing_dataset_launches_nothing(tmp_path):
 
 
 def test_check_projects_the_run_and_writes_nothing(tmp_path):
-    r = run_sdrun("train", *TINY, "batch_size=8", "check=true", cwd=tmp_path)
+    r = sdrun_main("train", *TINY, "batch_size=8", "check=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for expected in ("digits (embedded): 1237 train / 200 val / 360 test images", "L = 3 blocks",
@@ -59,7 +60,7 @@ def test_check_projects_the_run_and_writes_nothing(tmp_path):
 
 
 def test_check_under_multirun_projects_the_sweep_and_writes_nothing(tmp_path):
-    r = run_sdrun("train", "-m", *TINY, "batch_size=8", "seed=1,2", "check=true", cwd=tmp_path)
+    r = sdrun_main("train", "-m", *TINY, "batch_size=8", "seed=1,2", "check=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "pre-flight: 2 jobs composed and checked" in r.stdout
     assert "\njob 0 (seed=1)\n" in r.stdout and "\njob 1 (seed=2)\n" in r.stdout

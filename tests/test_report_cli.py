@@ -14,10 +14,11 @@ from tests.conftest import run_sdrun, sdrun_main, train_in_process
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> Path:
-    """A real multirun sweep (constant vs stochastic, seeds 1-2), one single run beside it (seed 3,
-    trained in process), and one run directory that never finished."""
+    """A real multirun sweep (constant vs stochastic, seeds 1-2; through the CLI's main() in this
+    process), one single run beside it (seed 3, trained in process), and one run directory that
+    never finished."""
     root = tmp_path_factory.mktemp("smoke")
-    r = run_sdrun("train", "-m", "experiment=smoke", "hydra.sweep.dir=sweep", cwd=root)
+    r = sdrun_main("train", "-m", "experiment=smoke", "hydra.sweep.dir=sweep", cwd=root)
     assert r.returncode == 0, r.stderr
     train_in_process(root / "runs" / "single", "experiment=smoke", "pL=0.5", "seed=3")
     (root / "runs" / "killed" / ".hydra").mkdir(parents=True)

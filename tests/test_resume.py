@@ -1,4 +1,8 @@
-"""Runs that survive: real subprocesses, real SIGKILL/SIGTERM, resumed to identical numbers."""
+"""Runs that survive: real subprocesses, real SIGKILL/SIGTERM, resumed to identical numbers.
+
+One run is interrupted every way in turn (each attempt a real process that resumes the
+last), rather than one run per way: a process costs seconds of start-up, an epoch a
+fraction of one."""
 
 from __future__ import annotations
 
@@ -18,28 +22,29 @@ import pytest
 import torch
 
 from sdrun.files import OutputError, atomic_write, load_checkpoint
-from tests.conftest import SDRUN, read_jsonl, run_sdrun, train_in_process
+from tests.conftest import SDRUN, read_jsonl, sdrun_main
 
-RUN = ["dataset=digits", "depth=8", "epochs=4", "max_steps_per_epoch=4", "batch_size=32",
-       "eval_batch_size=512"]
+# Six short epochs with step evaluations (SVHN's protocol), so evals.jsonl and the best-val
+# step must survive the interruptions too; an epoch is a fraction of a second, a process's
+# start-up several seconds, so the interruption chain below has epochs to spare.
+RUN = ["dataset=digits", "depth=8", "epochs=6", "max_steps_per_epoch=4", "batch_size=32",
+       "eval_batch_size=512", "eval_every_steps=3"]
 WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_per_epoch_s", "wall_time_s",
               "elapsed_s", "eta_s"}
 
 # Runs the real trainer in a child process whose N-th checkpoint write kills the process
-# with SIGKILL: before anything is written (mode "before") or after the temporary file is
-# complete but before it replaces the old checkpoint (mode "during").
+# with SIGKILL after the temporary file is complete but before it replaces the old checkpoint.
+# (A kill before a write leaves the same files behind as one at a random moment, below.)
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import sdrun.files as io
-    n_target, mode = int(sys.argv[1]), sys.argv[2]
+    n_target = int(sys.argv[1])
     real_atomic_write, count = io.atomic_write, [0]
 
     def atomic_write(path, write):
         if path.name == "checkpoint.pt":
             count[0] += 1
             if count[0] == n_target:
-                if mode == "before":
-                    os.kill(os.getpid(), signal.SIGKILL)
                 def write_then_die(f):
                     write(f)
                     f.flush()
@@ -49,7 +54,7 @@ KILLER = textwrap.dedent("""
 
     io.atomic_write = atomic_write
     from sdrun.cli import main
-    main(["train", *sys.argv[3:]])
+    main(["train", *sys.argv[2:]])
 """)
 
 
@@ -72,17 +77,47 @@ def assert_same(a: tuple, b: tuple) -> None:
         assert torch.equal(a[2][k], b[2][k]), f"weights differ: {k}"
 
 
+def metrics_lines(run_dir: Path) -> int:
+    return len(read_jsonl(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
+
+
+def checkpointed_epoch(run_dir: Path) -> int:
+    checkpoint = run_dir / "checkpoint.pt"
+    return load_checkpoint(checkpoint)["epoch"] if checkpoint.exists() else 0
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def kill_at_checkpoint_write(run_dir: Path, cwd: Path, epoch: int) -> None:
+    """One attempt that resumes the run and is SIGKILLed during `epoch`'s checkpoint write."""
+    n = epoch - checkpointed_epoch(run_dir)  # this attempt's n-th checkpoint write is that epoch's
+    r = subprocess.run([sys.executable, "-c", KILLER, str(n), *RUN, f"hydra.run.dir={run_dir}"],
+                       cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert checkpointed_epoch(run_dir) == epoch - 1  # the old checkpoint is intact
+    # metrics.jsonl already has the killed epoch's line, which the resume must drop.
+    assert metrics_lines(run_dir) == epoch
+
+
 def resume_until_done(run_dir: Path, cwd: Path) -> None:
-    r = run_sdrun("train", *RUN, f"hydra.run.dir={run_dir}", cwd=cwd)
+    """The last resume, through the CLI's main() in this process: the kills above are what
+    needs real processes."""
+    r = sdrun_main("train", *RUN, f"hydra.run.dir={run_dir}", cwd=cwd)
     assert r.returncode == 0, r.stderr
     assert (run_dir / "results.json").is_file()
 
 
 @pytest.fixture(scope="module")
 def baseline_dir(tmp_path_factory) -> Path:
-    """The uninterrupted run, through the console script."""
+    """The uninterrupted run, through the CLI's main() (Hydra's .hydra/ and train.log included)."""
     cwd = tmp_path_factory.mktemp("baseline")
-    r = run_sdrun("train", *RUN, "hydra.run.dir=run", cwd=cwd)
+    r = sdrun_main("train", *RUN, "hydra.run.dir=run", cwd=cwd)
     assert r.returncode == 0, r.stderr
     return cwd / "run"
 
@@ -92,92 +127,73 @@ def baseline(baseline_dir) -> tuple:
     return outcome(baseline_dir)
 
 
-# (epoch, mode): SIGKILL at that epoch's checkpoint write, before anything is written or
-# after the temporary file is complete but before it replaces the old checkpoint.
-KILLS = [(2, "during"), (3, "before"), (4, "during")]
-
-
-def test_sigkill_at_checkpoint_writes_then_resume_is_bit_identical(tmp_path, baseline):
-    """One run killed three times, each attempt resuming the last; the end result is the
-    uninterrupted run's, bit for bit, and TensorBoard holds each epoch once."""
+def test_interrupted_every_way_then_resumed_is_bit_identical(tmp_path, baseline, baseline_dir):
+    """One run stopped up to four times, each attempt a real process resuming the last: SIGTERM
+    (checkpoint, clear message, exit 128+15), SIGKILL during a checkpoint write (the temporary
+    file complete, not yet in place), SIGKILL at one or two random moments. The last resume
+    ends with the uninterrupted run's results, bit for bit (metrics, step evaluations, results,
+    weights), and TensorBoard holds each epoch once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    for epoch, mode in KILLS:
-        checkpoint = run_dir / "checkpoint.pt"
-        done = load_checkpoint(checkpoint)["epoch"] if checkpoint.exists() else 0  # this attempt resumes there
-        n = epoch - done  # so its n-th checkpoint write is the killed epoch's
-        r = subprocess.run([sys.executable, "-c", KILLER, str(n), mode, *RUN, f"hydra.run.dir={run_dir}"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert r.returncode == -signal.SIGKILL, r.stderr
-        assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == epoch - 1  # the old one is intact
-        # metrics.jsonl already has the killed epoch's line, which the resume must drop.
-        assert len(read_jsonl(run_dir / "metrics.jsonl")) == epoch
-    resume_until_done(run_dir, tmp_path)
-    assert_same(outcome(run_dir), baseline)
 
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("error/test")] == [1, 2, 3, 4]
-    assert [e.value for e in acc.Scalars("error/test")] == pytest.approx(
-        [m["test_error_pct"] for m in read_jsonl(run_dir / "metrics.jsonl")])
+    # SIGTERM (preemption) once the first checkpoint is on disk.
+    proc = subprocess.Popen([SDRUN, "train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "checkpoint.pt").exists(), proc, "the first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "resume" in err and "Traceback" not in err
+    assert not (run_dir / "results.json").exists()
+    stopped = checkpointed_epoch(run_dir)
+    assert 1 <= stopped <= 2
 
+    # SIGKILL at the next checkpoint write, once its temporary file is complete: the old
+    # checkpoint must stay in place, and the killed epoch's metrics line must be dropped.
+    kill_at_checkpoint_write(run_dir, tmp_path, stopped + 1)
 
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, baseline):
-    rng = random.Random(1234)
-    run_dir = tmp_path / "run"
-    kills = 0
-    for _ in range(3):
+    # SIGKILL at random moments (mid-step, mid-evaluation, mid-write) once training is under way.
+    rng, kills = random.Random(1234), 0
+    for _ in range(2):
         if (run_dir / "results.json").exists():
             break
+        done = metrics_lines(run_dir)
         proc = subprocess.Popen([SDRUN, "train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Wait until training has started (a metrics line or a checkpoint exists), then a random moment.
-        done_lines = len(read_jsonl(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
         deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            lines = len(read_jsonl(run_dir / "metrics.jsonl")) if (run_dir / "metrics.jsonl").exists() else 0
-            if lines > done_lines:
-                break
-            time.sleep(0.05)
+        while proc.poll() is None and metrics_lines(run_dir) <= done and time.time() < deadline:
+            time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait(timeout=60)
     assert kills >= 1
+
     resume_until_done(run_dir, tmp_path)
     assert_same(outcome(run_dir), baseline)
-
-
-def test_sigterm_checkpoints_exits_clearly_and_resumes_identically(tmp_path, baseline):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([SDRUN, "train", *RUN, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM" in err and "resume" in err and "Traceback" not in err
-    assert not (run_dir / "results.json").exists()
-    resume_until_done(run_dir, tmp_path)
-    assert_same(outcome(run_dir), baseline)
+    assert read_jsonl(run_dir / "evals.jsonl") == read_jsonl(baseline_dir / "evals.jsonl")
+    assert json.loads((run_dir / "results.json").read_text())["best_val_step"] is not None
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("error/test")] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in acc.Scalars("error/test")] == pytest.approx(
+        [m["test_error_pct"] for m in read_jsonl(run_dir / "metrics.jsonl")])
 
 
 def test_finished_run_is_not_run_again(tmp_path, baseline_dir):
     shutil.copytree(baseline_dir, tmp_path / "run")
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
-    r = run_sdrun("train", *RUN, "hydra.run.dir=run", cwd=tmp_path)
+    r = sdrun_main("train", *RUN, "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0 and "already holds a finished run" in r.stderr
     assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path):
     # A sane first epoch (warm-up lr), then an absurd lr that blows the loss up in epoch 2.
-    r = run_sdrun("train", *RUN, "optim.warmup_epochs=1", "optim.warmup_lr=0.05", "optim.lr=1e30",
-                  "hydra.run.dir=run", cwd=tmp_path)
+    r = sdrun_main("train", *RUN, "optim.warmup_epochs=1", "optim.warmup_lr=0.05", "optim.lr=1e30",
+                   "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 2
     assert "non-finite training loss at epoch 2, step" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1
@@ -199,32 +215,20 @@ def test_atomic_write_failure_keeps_the_previous_version(tmp_path):
 
 
 def test_file_size_limit_during_checkpoint_is_a_one_line_error(tmp_path):
-    """A real kernel write error (EFBIG under RLIMIT_FSIZE), like a full disk."""
+    """A real kernel write error (EFBIG under RLIMIT_FSIZE), like a full disk. In this process:
+    only the soft limit is lowered, and put back, so the test process can write again."""
     import resource
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
-        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
-
-    r = subprocess.run([SDRUN, "train", *RUN, "hydra.run.dir=run"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=300, preexec_fn=limit)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, hard))
+    try:
+        r = sdrun_main("train", *RUN, "hydra.run.dir=run", cwd=tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
     assert r.returncode == 2, r.stderr
     err = r.stderr.strip()
     assert "could not write" in err and "checkpoint.pt" in err and "File too large" in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not list((tmp_path / "run").glob(".checkpoint.pt.*"))
-
-
-def test_resume_with_step_evaluations_is_bit_identical(tmp_path):
-    """eval_every_steps (SVHN's protocol): evals.jsonl and the best-val step survive a kill too."""
-    run = [*RUN, "eval_every_steps=3"]
-    train_in_process(tmp_path / "base", *run)  # the uninterrupted run, in this process
-    killed = tmp_path / "killed"
-    r = subprocess.run([sys.executable, "-c", KILLER, "3", "before", *run, f"hydra.run.dir={killed}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert r.returncode == -signal.SIGKILL, r.stderr
-    r = run_sdrun("train", *run, f"hydra.run.dir={killed}", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert_same(outcome(killed), outcome(tmp_path / "base"))
-    assert read_jsonl(killed / "evals.jsonl") == read_jsonl(tmp_path / "base" / "evals.jsonl")
-    assert json.loads((killed / "results.json").read_text())["best_val_step"] is not None
