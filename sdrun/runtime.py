@@ -114,12 +114,10 @@ def resolve_runtime(cfg: DictConfig) -> Runtime:
         # so this helps a fresh process (sdrun train), not one that already used cuBLAS.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # Set both ways: a process that trains twice (tests, bench) must not inherit the last run's.
-    # Only when it changes: torch's setter imports torch._inductor, seconds of start-up that
-    # a fresh process (where the flag is already off, the default) need not pay.
-    mode = bool(cfg.deterministic)
-    if torch.are_deterministic_algorithms_enabled() != mode or (
-            mode and not torch.is_deterministic_algorithms_warn_only_enabled()):
-        torch.use_deterministic_algorithms(mode, warn_only=True)
+    # Skipped when it is off and stays off (a fresh process): torch's setter imports
+    # torch._inductor, seconds of start-up.
+    if cfg.deterministic or torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(bool(cfg.deterministic), warn_only=True)
     return Runtime(device, precision, eval_precision, channels_last)
 
 

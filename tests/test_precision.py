@@ -12,7 +12,7 @@ from sdrun.config import ConfigError
 from sdrun.config import removed_key_error
 from sdrun.runtime import autocast, device_info, resolve_precision, resolve_runtime
 from sdrun.train import train
-from tests.conftest import TINY, compose_cfg, run_sdrun
+from tests.conftest import TINY, compose_cfg, global_state_kept, run_sdrun
 
 CPU = torch.device("cpu")
 
@@ -79,3 +79,14 @@ def test_old_bf16_key_is_one_clear_line(tmp_path):
     assert len(err.splitlines()) == 1 and err.startswith("sdrun train: error: 'bf16=on'"), err
     assert "precision=auto|fp32|tf32|bf16" in err
     assert not any(tmp_path.iterdir())  # refused before Hydra made a run directory
+
+
+def test_deterministic_algorithms_are_set_both_ways_in_one_process():
+    """A process that trains twice (tests, bench) must not inherit the last run's flag; a fresh
+    process with the flag off skips torch's setter (it imports torch._inductor)."""
+    with global_state_kept():
+        resolve_runtime(compose_cfg(*TINY, "device=cpu", "deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        resolve_runtime(compose_cfg(*TINY, "device=cpu"))
+        assert not torch.are_deterministic_algorithms_enabled()
