@@ -470,26 +470,35 @@ def fit_normalizer(images: torch.Tensor, dataset_cfg) -> Normalizer:
 
 
 def translate_and_flip(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor,
-                       flip: torch.Tensor, pad: int) -> torch.Tensor:
+                       flip: torch.Tensor | None, pad: int) -> torch.Tensor:
     """Batched: out[n] = flip_n(crop of zero-padded x[n] at offset (pad+shift_y, pad+shift_x)).
 
     Equivalent to torchvision's RandomCrop(size, padding=pad) followed by
-    RandomHorizontalFlip, with the per-image parameters given instead of drawn.
+    RandomHorizontalFlip, with the per-image parameters given instead of drawn (flip=None:
+    no flipping). The parameters must be on x's device: nothing here reads a value back to
+    the host or makes a shape depend on the data, so on CUDA the step never waits for the GPU
+    (tests/test_no_sync.py).
     """
     n, c, h, w = x.shape
-    if pad == 0 and not bool(flip.any()):
-        return x
-    dev = x.device
     if pad:
         # Every (2pad+1)^2 crop of the zero-padded batch as one strided view; a single gather
         # then copies each image's crop (2.5x faster on the CPU than indexing every pixel).
         windows = F.pad(x, (pad, pad, pad, pad)).unfold(2, h, 1).unfold(3, w, 1)  # (n, c, 2p+1, 2p+1, h, w)
-        x = windows[torch.arange(n, device=dev), :, (shift_y + pad).to(dev), (shift_x + pad).to(dev)]
-    # The parameters are CPU tensors (drawn from a CPU generator), so this never syncs a GPU.
-    flipped = flip.nonzero().flatten().to(dev)
-    if len(flipped):
-        x = x.index_copy(0, flipped, x.index_select(0, flipped).flip(3))
+        x = windows[torch.arange(n, device=x.device), :, shift_y + pad, shift_x + pad]
+    if flip is not None:
+        # A select over the whole batch instead of gathering the flipped images: their indices
+        # (nonzero) would have a data-dependent length, read back from the GPU every step.
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     return x
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting: on CUDA, copied from pinned memory with
+    non_blocking=True (a copy from pageable memory blocks the host until the GPU's queue has
+    drained, so the CPU could not run ahead of the GPU)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 class TrainBatches:
@@ -519,24 +528,44 @@ class TrainBatches:
         return global_batch_size(len(self.split), self.batch_size, step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g, t = self.augment_generator, self.translate
+        steps = self.draw_epoch()
+        if not steps:
+            return
         device = self.split.images.device
+        # The whole epoch's indices and parameters reach the device in one copy each; a step
+        # only slices them, so no step copies from the host (or waits for the GPU).
+        idx, shift_y, shift_x = (to_device(torch.cat(column), device) for column in list(zip(*steps))[:3])
+        flip = None if not self.flip else to_device(torch.cat([s[3] for s in steps]), device)
+        start = 0
+        for step in steps:
+            part = slice(start, start + len(step[0]))
+            start = part.stop
+            x = self.normalizer(self.split.images[idx[part]])
+            x = translate_and_flip(x, shift_y[part], shift_x[part], None if flip is None else flip[part],
+                                   self.translate)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.split.labels[idx[part]]
+
+    def draw_epoch(self) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's (indices, shift_y, shift_x, flip or None) of every step of the next epoch,
+        on the host, drawn in the order one step at a time would draw them (so a seed gives the
+        same batches as it always did, and the generators' state after the epoch is the same)."""
+        g, t = self.augment_generator, self.translate
         order = torch.randperm(len(self.split), generator=self.generator)
+        steps = []
         for step in range(len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             n = len(idx)
             shift_y = torch.randint(-t, t + 1, (n,), generator=g)
             shift_x = torch.randint(-t, t + 1, (n,), generator=g)
-            flip = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+            flip = torch.rand(n, generator=g) < 0.5 if self.flip else None
             if self.world_size > 1:  # every rank drew the global batch above; keep this rank's part
                 part = shard(n, Context(self.rank, self.world_size))
-                idx, shift_y, shift_x, flip = idx[part], shift_y[part], shift_x[part], flip[part]
-            idx = idx.to(device, non_blocking=True)
-            x = self.normalizer(self.split.images[idx])
-            x = translate_and_flip(x, shift_y, shift_x, flip, t)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.split.labels[idx]
+                idx, shift_y, shift_x = idx[part], shift_y[part], shift_x[part]
+                flip = None if flip is None else flip[part]
+            steps.append((idx, shift_y, shift_x, flip))
+        return steps
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "augment": self.augment_generator.get_state()}

@@ -27,7 +27,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from sdrun.data import DataError, RunData, global_batch_size, steps_per_epoch
+from sdrun.data import DataError, RunData, global_batch_size, steps_per_epoch, to_device
 from sdrun.distributed import SINGLE, Context, shard
 from sdrun.rng import cpu_generator
 
@@ -192,7 +192,9 @@ class LoaderBatches:
                     sampler = self.loader.batch_sampler
                     draws = self.augment.draw(sampler.global_batch_size(step + 1))
                     part = shard(len(draws[0]), sampler.ctx)
-                    x = self.augment(x, tuple(d[part] for d in draws))
+                    # One non-blocking copy from pinned memory per draw (a pageable copy would
+                    # wait for the GPU's queue every step).
+                    x = self.augment(x, tuple(to_device(d[part], self.device) for d in draws))
                 x = self.normalizer(x)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
