@@ -38,6 +38,17 @@ KEYS = (
 # Only with dataset.top5 (ImageNet).
 TOP5_KEYS = ("test_top5_error_at_best_val_pct", "final_test_top5_error_pct")
 
+# The fields of a run's files that are measured wall-clock time: the only ones that vary
+# between two runs of one config that are otherwise identical (an uninterrupted run and a
+# resumed one, a rerun with deterministic=true). Every test that compares runs drops exactly
+# these; tests/test_resume.py fails when a timing field is missing here or a listed one no
+# longer varies. evals.jsonl has none.
+WALL_CLOCK_KEYS = frozenset({
+    "epoch_train_time_s", "images_per_s",                   # metrics.jsonl, per epoch (sdrun.train)
+    "elapsed_s", "eta_s",                                   # metrics.jsonl, per epoch (sdrun.eta)
+    "train_time_s", "train_time_per_epoch_s", "wall_time_s",  # results.json
+})
+
 
 def read_results(run_dir: Path) -> dict:
     """A run's results.json, or {} where there is no readable one."""

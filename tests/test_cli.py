@@ -7,15 +7,13 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdrun.collect import REQUIRED_KEYS
-from sdrun.results import KEYS
+from sdrun.results import KEYS, WALL_CLOCK_KEYS
 
 from tests.conftest import CONSOLE_RUN, compose_cfg, read_jsonl, sdrun_main, train_in_process, write_cifar_pickles
 
-WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "elapsed_s", "eta_s"}
-
 
 def strip(rows):
-    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in rows]
 
 
 def test_help_lists_subcommands(tmp_path):

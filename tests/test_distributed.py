@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdrun.results import WALL_CLOCK_KEYS
 from tests.conftest import read_jsonl, sdrun_main
 
 HERE = Path(__file__).parent
@@ -25,8 +26,6 @@ HERE = Path(__file__).parent
 RUN = ["dataset=digits", "depth=14", "epochs=2", "max_steps_per_epoch=4", "batch_size=32",
        "eval_batch_size=512", "pL=0.5"]
 LOSS_RTOL = 0.02  # measured: at most 0.6 % per step over these 8 steps (per-rank BatchNorm statistics)
-WALL_CLOCK = {"epoch_train_time_s", "images_per_s", "train_time_s", "train_time_per_epoch_s", "wall_time_s",
-              "elapsed_s", "eta_s"}
 
 
 def env(**extra: str) -> dict:
@@ -188,7 +187,7 @@ def test_all_ranks_resume_from_rank_zero_checkpoint(runs, tmp_path):
     assert "resuming" in (run_dir / "train.log").read_text()
 
     def strip(r):
-        return {k: v for k, v in r.items() if k not in WALL_CLOCK}
+        return {k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS}
 
     baseline = runs / "ddp" / "run"
     assert [strip(m) for m in read_jsonl(run_dir / "metrics.jsonl")] == \
