@@ -9,8 +9,9 @@ and the branches only ever see a handful of input shapes.
 
 Modes (config `speed`, sdrun.config.Speed):
   eager    plain PyTorch.
-  compile  torch.compile of each branch (inductor, default mode): fused elementwise kernels,
-           fewer launches; numbers within rounding of eager (tests/test_speed.py).
+  compile  torch.compile of each branch (inductor, default mode, static shapes: one graph per
+           batch size, RECOMPILE_LIMIT): fused elementwise kernels, fewer launches; numbers
+           within rounding of eager (tests/test_speed.py).
   graphs   CUDA only, one process. On its first training call with a new input signature
            (shape, strides, dtype, autocast), a branch is captured with
            torch.cuda.make_graphed_callables: its forward and its backward each become one CUDA
@@ -56,9 +57,18 @@ from sdrun.stochastic import StochasticResidual
 
 log = logging.getLogger("sdrun")
 
-# All branches share nn.Module's call code, so dynamo counts their graphs against one
-# recompile limit (8 by default). A CIFAR ResNet needs about 14: 5 branch shapes (3 stages,
-# 2 transitions) x train/eval, plus one dynamic-batch recompile for the smaller last batch.
+# All branches share nn.Module's call code, so dynamo counts the graphs of every branch
+# against one recompile limit (8 by default; past it a new input shape runs eagerly, with
+# one warning). Branches of the same structure and input shape share a graph, so a model
+# needs (branch kinds) x (input shapes) graphs, whatever its depth: branches compile with
+# static shapes (dynamic=False, below), one graph per batch size and mode. A CIFAR/SVHN
+# ResNet has 5 kinds (the plain block of each of the 3 stages, 2 transitions); ImageNet's
+# bottleneck ResNets 8 (each of the 4 stages' first and plain block). Input shapes: training
+# (grad, train mode) at the full batch and an epoch's smaller last batch (under torchrun:
+# this process's slice of each), evaluation (inference, eval mode) at eval_batch_size and
+# the smaller last batch of each of val and test: at most 2 + 3 = 5. So 25 graphs for CIFAR,
+# at most 40 for ImageNet; 64 leaves room for one more batch size per kind.
+# (tests/test_speed.py counts the graphs of a CIFAR ResNet on the CPU.)
 RECOMPILE_LIMIT = 64
 
 # The full batch and an epoch's smaller last batch; each capture holds its own memory pool.
@@ -95,11 +105,18 @@ def compile_branches(model: nn.Module, backend: str = "inductor", mode: str | No
 
     `nn.Module.compile` leaves the parameter names unchanged, so state dicts and
     checkpoints are the same with and without compilation. Returns the number of branches.
+
+    Static shapes (dynamic=False): by default dynamo would mark a dimension symbolic as soon
+    as one compiled frame sees it change (automatic dynamic shapes), and all branches share
+    one frame, so from the third branch kind on every graph would have a symbolic height and
+    width (and batch, once a smaller last batch came): slower compiles and kernels that are
+    less specialised. The handful of shapes a run has (RECOMPILE_LIMIT) each get
+    their own graph instead.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     blocks = [m for m in model.modules() if isinstance(m, StochasticResidual)]
     for block in blocks:
-        block.branch.compile(backend=backend, mode=mode)
+        block.branch.compile(backend=backend, mode=mode, dynamic=False)
     return len(blocks)
 
 

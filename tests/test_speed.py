@@ -12,20 +12,39 @@ from sdrun.models import build_model
 from sdrun.speed import compile_branches
 
 
-def test_per_branch_compile_matches_eager_and_keeps_parameter_names():
+def symbolic_inputs(gm: torch.fx.GraphModule) -> list[str]:
+    """The graph's inputs with a symbolic size (or that are one): what dynamic shapes leave."""
+    def symbolic(v) -> bool:
+        return isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor)
+                                               and any(isinstance(d, torch.SymInt) for d in v.shape))
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder" and symbolic(n.meta.get("example_value"))]
+
+
+def test_per_branch_compile_matches_eager_with_static_shapes_and_keeps_parameter_names():
     torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
     torch.manual_seed(0)
     eager = build_model("cifar_resnet", 14, 10, 0.5, "linear")  # L = 6: every branch shape, 2 transitions
     compiled = copy.deepcopy(eager)
-    # The "eager" backend runs dynamo's capture and guards without a C++ compiler; the
-    # trainer uses inductor (sdrun train speed=compile).
-    assert compile_branches(compiled, backend="eager") == 6
+    graphs = []
+
+    def eager_backend(gm, example_inputs):
+        # dynamo's capture and guards (where static or dynamic shapes are decided) without a
+        # C++ compiler, keeping every captured graph; the trainer uses inductor (speed=compile).
+        graphs.append(gm)
+        return gm.forward
+
+    assert compile_branches(compiled, backend=eager_backend) == 6
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for p in [*eager.parameters(), *compiled.parameters()]:
         p.grad = torch.zeros_like(p)  # as sdrun.train.make_optimizer does
 
     gates = [True, False, True, True, False, True]  # a dropped plain block and a dropped transition
-    for batch in (8, 8, 5):  # the smaller last batch of an epoch
+    # Three training batch sizes (a full batch, an epoch's smaller last batch, a torchrun
+    # rank's slice): with dynamo's default automatic dynamic shapes every graph from the
+    # third branch kind on would have a symbolic height and width, and batch once it changed.
+    for batch in (8, 8, 5, 3):
         x = torch.randn(batch, 3, 32, 32)
         y = torch.randint(0, 10, (batch,))
         losses = [F.cross_entropy(m(x, gates), y) for m in (eager, compiled)]
@@ -44,7 +63,12 @@ def test_per_branch_compile_matches_eager_and_keeps_parameter_names():
     with torch.inference_mode():
         x = torch.randn(20, 3, 32, 32)
         assert torch.allclose(eager(x), compiled(x), atol=1e-5)
-    from torch._dynamo.utils import counters
+    assert [symbolic_inputs(gm) for gm in graphs if symbolic_inputs(gm)] == []
+    # One static graph per branch kind and input shape, the count sdrun.speed.RECOMPILE_LIMIT
+    # is sized by: training ran 4 kinds (the stage-3 transition is dropped) at 3 batch sizes,
+    # evaluation all 5 (each stage's plain block, 2 transitions; the two stage-1 blocks share
+    # one) at 1; and no shape fell back to eager at the limit.
+    assert len(graphs) == 4 * 3 + 5
     assert not any("recompile" in k.lower() for k in counters["unimplemented"]), dict(counters["unimplemented"])
 
 
