@@ -36,8 +36,9 @@ How a distributed run stays equal to one process over the same global batch:
 
 Collectives on CPU tensors go through gloo, on CUDA tensors through NCCL (the backend
 string "cpu:gloo,cuda:nccl"), so small control messages never touch the GPU.
-CI tests the gloo/CPU path; tests/test_cuda.py runs the NCCL path (one process under torchrun,
-SyncBatchNorm) on a GPU.
+CI tests the gloo/CPU path; tests/test_cuda.py runs one NCCL process under torchrun on a GPU
+(DDP, the process group). It cannot test SyncBatchNorm: at world size 1 torch's SyncBatchNorm
+falls back to plain batch norm, so sync_bn's cross-process statistics need 2 or more GPUs.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ SINGLE = Context()
 
 def launched_by_torchrun() -> bool:
     # TORCHELASTIC_RUN_ID: torchrun sets it for every worker, so `--nproc_per_node=1` still
-    # goes through the process group (NCCL on CUDA), DDP and SyncBatchNorm: one GPU can test them.
+    # goes through the process group (NCCL on CUDA) and DDP: one GPU can test those (not
+    # SyncBatchNorm, which torch runs as plain batch norm at world size 1).
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
