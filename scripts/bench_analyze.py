@@ -14,9 +14,10 @@ import time
 
 import torch
 
-from sdrun.analyze import Evaluator
-from sdrun.data import Normalizer, Split
-from sdrun.models import build_model
+from sdrun.tools.analyze import Evaluator
+from sdrun.data.batches import Normalizer
+from sdrun.data.readers import Split
+from sdrun.model.resnet import build_model
 
 
 def main() -> None:

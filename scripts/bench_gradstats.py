@@ -1,4 +1,4 @@
-"""Per-step cost of the gradient instrumentation (sdrun.gradstats) on ResNet-110, batch 128.
+"""Per-step cost of the gradient instrumentation (sdrun.engine.gradstats) on ResNet-110, batch 128.
 
 One process, one model, one optimiser. Each repeat draws one set of stochastic-depth gates
 (linear decay, pL = 0.5) and runs one training step with and one without
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from sdrun.gradstats import GradStats
-from sdrun.models import CifarResNet
-from sdrun.stochastic import GateSampler
-from sdrun.train import make_optimizer
+from sdrun.engine.gradstats import GradStats
+from sdrun.model.resnet import CifarResNet
+from sdrun.model.stochastic import GateSampler
+from sdrun.engine.loop import make_optimizer
 
 
 def main() -> None:

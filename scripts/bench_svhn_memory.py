@@ -36,7 +36,8 @@ def write(root: Path, train: int, extra: int, test: int) -> None:
 def measure(root: Path) -> None:
     from omegaconf import OmegaConf
 
-    from sdrun.data import Normalizer, load_image_data
+    from sdrun.data.batches import Normalizer
+    from sdrun.data.readers import load_image_data
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def environment(work: Path, mode: str) -> dict:
         return json.loads(cached.read_text())
     import torch
 
-    from sdrun.runtime import device_info, software_versions
+    from sdrun.engine.runtime import device_info, software_versions
 
     device = torch.device("cuda" if mode == "gpu" and torch.cuda.is_available() else "cpu")
     env = {"mode": mode, "hardware": device_info(device), "versions": software_versions(),

@@ -1,16 +1,16 @@
-"""The `sdrun` console script: subcommands, and one-line errors instead of tracebacks.
+"""The `sdrun` console script: dispatch to each subcommand's own main(argv), which returns the
+exit code and prints one-line errors itself.
 
-`sdrun train ...` hands the rest of the command line to Hydra unchanged, so overrides,
-`-m` multirun, `--cfg job`, `--help` and `hydra.run.dir=...` all work as in any Hydra app.
+`sdrun train ...` hands the rest of the command line to the Hydra app (sdrun.launch.app)
+unchanged, so overrides, `-m` multirun, `--cfg job`, `--help` and `hydra.run.dir=...` all work
+as in any Hydra app. Every subcommand's module is imported only when it runs, so `sdrun status`
+never imports torch.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import sys
-
-from sdrun.errors import UserError, print_error
 
 USAGE = """usage: sdrun <command> [args]
 
@@ -38,171 +38,38 @@ examples:
 """
 
 
-def _hydra_train() -> None:
-    import hydra
-
-    from sdrun.config import register_configs
-    from sdrun.launchers import register_resolvers
-
-    register_configs()
-    register_resolvers()  # ${local_jobs:} in the hydra/launcher=parallel preset
-
-    @hydra.main(version_base="1.3", config_path="pkg://sdrun.conf", config_name="train")
-    def app(cfg) -> float | None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from sdrun.launchers import job_resources
-        from sdrun.results import HEADLINE
-        from sdrun.guard import undo_failed_start
-        from sdrun.runs import AlreadyFinished
-        from sdrun.train import Interrupted, train
-
-        hc = HydraConfig.get()
-        multirun = hc.mode.name == "MULTIRUN"
-        progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
-        try:
-            with job_resources(cfg, hc):  # a parallel sweep's job: its own GPU, its share of the cores
-                results = train(cfg, hc.runtime.output_dir, progress=progress)
-        except AlreadyFinished as e:  # a requeued job whose run is done: nothing to do
-            print(f"sdrun train: {e}", file=sys.stderr)
-            return None
-        except Interrupted as e:  # preemption or Ctrl-C: stop the whole sweep too
-            print(f"sdrun train: {e}", file=sys.stderr)
-            raise SystemExit(128 + e.signum) from None  # the shell's convention
-        except _user_errors() as e:
-            if not multirun:  # a run that never completed an epoch leaves its directory as it found it
-                undo_failed_start(e)
-            # In a sweep, raise: Hydra finishes the other jobs, then reports which one failed.
-            if multirun or _USER_FULL_ERROR:
-                raise
-            _print_error(e)
-            raise SystemExit(2) from None
-        return results[HEADLINE]
-
-    app()
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What `sdrun train` reports on one line: sdrun's own, and Hydra's and OmegaConf's
-    composition errors (an unknown key, a value of the wrong type, a bad override)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return (UserError, HydraException, OmegaConfBaseException)
-
-
-def _print_error(e: BaseException, note: str = "") -> None:
-    print_error("sdrun train", e, note)
-
-
-# Hydra prints multi-line reports for composition errors; we want one line, so we ask it to
-# raise and format the error ourselves. HYDRA_FULL_ERROR=1 from the user still shows the
-# full traceback.
-_USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def run_train(argv: list[str]) -> int:
-    from sdrun.config import removed_key_error
-    removed = removed_key_error(argv)
-    if removed:  # bf16= and compile= from before `precision` and `speed`: say what replaced them
-        print(f"sdrun train: error: {removed}", file=sys.stderr)
-        return 2
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = ["sdrun train", *argv]
-
-    # Under torchrun every process runs this; they join one process group before Hydra
-    # composes the config, so rank 0 can share its run directory (sdrun/distributed.py).
-    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ  # as distributed.py
-    if torchrun:
-        from sdrun import distributed
-        distributed.init()
-    try:
-        return _run_train()
-    finally:
-        if torchrun:
-            distributed.teardown()
-
-
-def _run_train() -> int:
-    from sdrun.guard import GuardStop
-    from sdrun.runs import AlreadyFinished
-
-    try:
-        try:
-            check_hydra_modes(sys.argv[1:])
-            _hydra_train()
-        except GuardStop as stop:  # raised before Hydra wrote anything into the run directory
-            raise stop.error from None
-    except AlreadyFinished as e:
-        print(f"sdrun train: {e}", file=sys.stderr)
-        return 0
-    except _user_errors() as e:
-        if _USER_FULL_ERROR:
-            raise
-        _print_error(e, sweep_note())
-        return 2
-    return 0
-
-
-# Hydra runs one of these modes per call and raises a bare ValueError (a traceback) on two.
-_MODES = {"-m": "-m/--multirun", "--multirun": "-m/--multirun", "-c": "--cfg", "--cfg": "--cfg",
-          "-i": "--info", "--info": "--info", "-r": "--run", "--run": "--run", "-sc": "--shell-completion",
-          "--shell-completion": "--shell-completion"}
-
-
-def check_hydra_modes(argv: list[str]) -> None:
-    from sdrun.config import ConfigError
-
-    used = list(dict.fromkeys(_MODES[a.split("=")[0]] for a in argv if a.split("=")[0] in _MODES))
-    if len(used) > 1:
-        raise ConfigError(f"{' and '.join(used)} cannot be combined (Hydra does one of them per call); to see the "
-                          "config of one job of a sweep (or its launcher settings), drop -m and give one value "
-                          "per key, e.g. sdrun train pL=0.5 seed=1 --cfg job (or --cfg hydra)")
-
-
-def sweep_note() -> str:
-    """For a sweep that ended with failed jobs: how many, and where the summary is."""
-    import json
-
-    from sdrun import guard
-
-    if guard.LAST_SWEEP_SUMMARY is None or not guard.LAST_SWEEP_SUMMARY.is_file():
-        return ""
-    jobs = json.loads(guard.LAST_SWEEP_SUMMARY.read_text())["jobs"]
-    failed = [f"job {j['num']} ({','.join(j['overrides'])})" for j in jobs if j["status"] == "failed"]
-    if not failed:
-        return ""
-    return (f" [sweep: {len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}; the others' results "
-            f"are kept; see {guard.LAST_SWEEP_SUMMARY}]")
-
-
 def run_table(argv: list[str]) -> int:
-    from sdrun.report import main
+    from sdrun.report.tables import main
     return main(argv)
 
 
 def run_plot(argv: list[str]) -> int:
-    from sdrun.plots import main
+    from sdrun.report.figures import main
     return main(argv)
 
 
 def run_analyze(argv: list[str]) -> int:
-    from sdrun.analyze import main as analyze_main
+    from sdrun.tools.analyze import main as analyze_main
     return analyze_main(argv)
 
 
 def run_bench(argv: list[str]) -> int:
-    from sdrun.bench import run_bench
+    from sdrun.tools.bench import run_bench
     return run_bench(argv)
 
 
 def run_report(argv: list[str]) -> int:
-    from sdrun.report_page import main
+    from sdrun.report.page import main
     return main(argv)
 
 
 def run_status(argv: list[str]) -> int:
-    from sdrun.status import main  # imports no torch: it must answer in about a second on a login node
+    from sdrun.report.status import main  # imports no torch: it must answer in about a second on a login node
+    return main(argv)
+
+
+def run_train(argv: list[str]) -> int:
+    from sdrun.launch.app import main  # the Hydra app
     return main(argv)
 
 

@@ -40,7 +40,7 @@ class BranchScaling(Choice):
 
 
 class Toggle(Choice):
-    """A setting whose 'auto' value depends on the device (see sdrun.runtime.resolve_runtime)."""
+    """A setting whose 'auto' value depends on the device (see sdrun.engine.runtime.resolve_runtime)."""
     auto = "auto"
     on = "on"
     off = "off"
@@ -49,7 +49,7 @@ class Toggle(Choice):
 
 
 class Precision(Choice):
-    """Training arithmetic (sdrun.runtime): auto = tf32 on CUDA, fp32 on the CPU."""
+    """Training arithmetic (sdrun.engine.runtime): auto = tf32 on CUDA, fp32 on the CPU."""
     auto = "auto"
     fp32 = "fp32"  # strict float32: TF32 off for convolutions and matmuls (the paper's)
     tf32 = "tf32"  # float32 storage, TF32 tensor-core math (CUDA)
@@ -74,7 +74,7 @@ class BnInit(Choice):
 
 
 class ShortcutPool(Choice):
-    """Downsampling in the parameter-free transition shortcut (sdrun.models.PadShortcut)."""
+    """Downsampling in the parameter-free transition shortcut (sdrun.model.resnet.PadShortcut)."""
     avg = "avg"              # 2x2 average, stride 2 (the paper's text; the reference code after its 2017 fix)
     subsample = "subsample"  # 1x1 stride-2 pooling = keep every other pixel (the reference code of 2016)
 
@@ -92,20 +92,20 @@ class FcBias(Choice):
 
 
 class EpochBase(Choice):
-    """How an lr milestone m is read (sdrun.schedule.lr_at)."""
+    """How an lr milestone m is read (sdrun.engine.schedule.lr_at)."""
     zero = "zero"  # the lr drops after m completed epochs (the paper's text: 250 epochs at 0.1 on CIFAR)
     one = "one"    # epochs are numbered from 1 and the lr drops at the epoch numbered m (the reference's
                    # `epoch >= 0.5 * max`: 249 epochs at 0.1 on CIFAR, 29 on SVHN)
 
 
 class StdRule(Choice):
-    """Which std the inputs are divided by (sdrun.data.Normalizer.fit)."""
+    """Which std the inputs are divided by (sdrun.data.batches.Normalizer.fit)."""
     raw = "raw"          # unbiased std of the raw pixels around their global mean (the reference's data:std())
     centred = "centred"  # population std of the pixels after subtracting the mean (sdrun's reading of the text)
 
 
 class Normalization(Choice):
-    """What is subtracted and divided (sdrun.data.Normalizer.fit)."""
+    """What is subtracted and divided (sdrun.data.batches.Normalizer.fit)."""
     pixel = "pixel"      # the per-pixel mean image and one global std (the paper, the CIFAR/SVHN reference)
     channel = "channel"  # a mean and a std per colour channel (fb.resnet.torch's CIFAR code, for ResNet-1202)
 
@@ -117,13 +117,13 @@ class SelectFrom(Choice):
 
 
 class Loader(Choice):
-    """How training batches are made (see sdrun.batches)."""
+    """How training batches are made (see sdrun.data.build)."""
     device = "device"          # uint8 split on the training device, batched augmentation there
     dataloader = "dataloader"  # torch DataLoader + torchvision transforms, per image, on the host
 
 
 class ImageFormat(Choice):
-    """How CIFAR is stored under dataset.root (see sdrun.data.load_cifar)."""
+    """How CIFAR is stored under dataset.root (see sdrun.data.readers.load_cifar)."""
     auto = "auto"                # imagefolder when root/train exists and the pickle folder does not
     pickle = "pickle"            # torchvision's official pickle batches
     imagefolder = "imagefolder"  # train/<class>/*.png|jpg and test/<class>/...
@@ -135,7 +135,7 @@ class Arch(Choice):
 
 
 class Speed(Choice):
-    """How each residual branch runs on the device (see sdrun.speed)."""
+    """How each residual branch runs on the device (see sdrun.engine.speed)."""
     auto = "auto"          # eager for now, CPU and CUDA alike: no GPU has measured the others yet
     eager = "eager"        # plain PyTorch
     compile = "compile"    # torch.compile per branch (inductor)
@@ -162,7 +162,7 @@ class DatasetConfig:
     loader: Loader = Loader.device  # device | dataloader (num_workers applies to the latter)
     std_rule: StdRule = StdRule.raw              # raw (reference) | centred (sdrun's reading of the paper)
     normalization: Normalization = Normalization.pixel  # pixel (paper, reference) | channel (fb.resnet.torch)
-    # imagenet training only, fb.resnet.torch's augmentation (sdrun.imagenet): colour jitter strength for
+    # imagenet training only, fb.resnet.torch's augmentation (sdrun.data.imagenet): colour jitter strength for
     # brightness, contrast and saturation (0 = off) and the PCA lighting noise std (0 = off)
     color_jitter: float = 0.4
     lighting: float = 0.1
@@ -214,14 +214,14 @@ class TrainConfig:
     eval_precision: EvalPrecision = EvalPrecision.same  # same = as training
     channels_last: Toggle = Toggle.auto  # auto = on (measured faster on CUDA and CPU: sdrun bench)
     deterministic: bool = False   # cudnn.benchmark off and deterministic algorithms on
-    speed: Speed = Speed.auto     # auto | eager | compile | graphs: how the branches run (sdrun.speed)
+    speed: Speed = Speed.auto     # auto | eager | compile | graphs: how the branches run (sdrun.engine.speed)
     sync_bn: bool = False         # torchrun runs: SyncBatchNorm (CUDA only) instead of per-process BN statistics
     num_workers: int = 0          # DataLoader workers for datasets read from disk per batch
     eval_batch_size: int = 500
     # also evaluate every N training steps (None = at epoch ends only); the best-validation
     # selection then works at that granularity (the paper: every 200 iterations on SVHN)
     eval_every_steps: Optional[int] = None
-    # which evaluations the selection picks from when eval_every_steps is set (sdrun.evaluation)
+    # which evaluations the selection picks from when eval_every_steps is set (sdrun.engine.evaluate)
     select_from: SelectFrom = SelectFrom.steps
     progress: Toggle = Toggle.auto  # tqdm bar; auto = only on a terminal and not in multirun
     checkpoint: bool = True       # write checkpoint.pt at the end of every epoch
@@ -236,7 +236,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
-# Depths of the ImageNet ResNets (He et al. 2016, Table 1); see sdrun.models.IMAGENET_LAYOUTS.
+# Depths of the ImageNet ResNets (He et al. 2016, Table 1); see sdrun.model.resnet.IMAGENET_LAYOUTS.
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 
 

@@ -62,7 +62,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    import torch  # here, not at the top: the run-directory checks import this module (sdrun.state)
+    import torch  # here, not at the top: the run-directory checks import this module (sdrun.engine.state)
 
     # Serialise in memory first: torch.save on a failing file reports a disk error as an
     # opaque RuntimeError from its zip writer; writing the bytes ourselves keeps the OSError.

@@ -132,9 +132,9 @@ def global_state_kept():
 
 
 def train_in_process(run_dir: Path, *overrides: str) -> dict:
-    """sdrun.train.train on the composed config: the trainer without the CLI and Hydra's
+    """sdrun.launch.app.train on the composed config: the trainer without the CLI and Hydra's
     run directory handling (no .hydra/, no train.log). Returns results.json's content."""
-    from sdrun.train import train
+    from sdrun.launch.app import train
 
     cfg = compose_cfg(*overrides)
     with global_state_kept():

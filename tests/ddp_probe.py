@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import sdrun.state
-import sdrun.stochastic
-import sdrun.train
+import sdrun.engine.state
+import sdrun.model.stochastic
+import sdrun.engine.loop
 
 
 @contextlib.contextmanager
@@ -32,8 +32,8 @@ def recording(out_dir: Path, kill_after: int = 0):
     rank = int(os.environ.get("RANK", "0"))
     record = {"gates": [], "loss": [], "batch": [], "wrong": []}
     models, saves = [], [0]
-    real = {"draw": sdrun.stochastic.GateSampler.draw, "cross_entropy": F.cross_entropy,
-            "model_for": sdrun.train.model_for, "save_checkpoint": sdrun.state.save_checkpoint}
+    real = {"draw": sdrun.model.stochastic.GateSampler.draw, "cross_entropy": F.cross_entropy,
+            "model_for": sdrun.engine.loop.model_for, "save_checkpoint": sdrun.engine.state.save_checkpoint}
 
     def draw(self):
         gates = real["draw"](self)
@@ -58,17 +58,17 @@ def recording(out_dir: Path, kill_after: int = 0):
         if saves[0] == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    sdrun.stochastic.GateSampler.draw = draw
+    sdrun.model.stochastic.GateSampler.draw = draw
     F.cross_entropy = cross_entropy
-    sdrun.train.model_for = model_for
-    sdrun.state.save_checkpoint = save_checkpoint
+    sdrun.engine.loop.model_for = model_for
+    sdrun.engine.state.save_checkpoint = save_checkpoint
     try:
         yield
     finally:
-        sdrun.stochastic.GateSampler.draw = real["draw"]
+        sdrun.model.stochastic.GateSampler.draw = real["draw"]
         F.cross_entropy = real["cross_entropy"]
-        sdrun.train.model_for = real["model_for"]
-        sdrun.state.save_checkpoint = real["save_checkpoint"]
+        sdrun.engine.loop.model_for = real["model_for"]
+        sdrun.engine.state.save_checkpoint = real["save_checkpoint"]
         out_dir.mkdir(parents=True, exist_ok=True)
         record["params"] = {n: p.detach().clone() for n, p in models[-1].named_parameters()} if models else {}
         record["state"] = {n: t.detach().clone() for n, t in models[-1].state_dict().items()} if models else {}

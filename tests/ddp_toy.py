@@ -2,7 +2,7 @@
 
 A tiny stochastic-depth MLP (no BatchNorm, so one process over the global batch is the
 exact reference) trains a few steps with gates that drop blocks, once through
-sdrun.distributed (DDP, each rank its shard of an unevenly split global batch) and once
+sdrun.engine.distributed (DDP, each rank its shard of an unevenly split global batch) and once
 in plain single-process PyTorch. Each rank writes OUT_DIR/rank<RANK>.json with the largest
 difference to the reference and a fingerprint of its parameters.
 
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from sdrun import distributed
-from sdrun.stochastic import StochasticResidual, run_blocks
-from sdrun.train import make_optimizer
+from sdrun.engine import distributed
+from sdrun.model.stochastic import StochasticResidual, run_blocks
+from sdrun.engine.loop import make_optimizer
+from sdrun.ranks import SINGLE, shard
 
 GATES = [[True, True, True], [True, False, True], [False, False, True], [True, False, False]]
 # A large weight decay makes its effect on the dropped blocks' parameters visible.
@@ -42,7 +43,7 @@ class Toy(nn.Module):
 
 def train(model, module, ctx, x, y):
     optimizer = make_optimizer(model, OPTIM)
-    part = distributed.shard(len(y), ctx)
+    part = shard(len(y), ctx)
     for gates in GATES:
         loss = F.cross_entropy(module(x[part], gates), y[part])
         optimizer.zero_grad(set_to_none=False)
@@ -57,7 +58,7 @@ def check(out: Path) -> None:
     model = Toy()
     reference, initial = copy.deepcopy(model), copy.deepcopy(model)
     train(model, distributed.wrap(model, torch.device("cpu"), ctx, sync_bn=False), ctx, x, y)
-    train(reference, reference, distributed.SINGLE, x, y)
+    train(reference, reference, SINGLE, x, y)
 
     params, ref, init = (dict(m.named_parameters()) for m in (model, reference, initial))
     report = {

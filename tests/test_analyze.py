@@ -1,4 +1,4 @@
-"""sdrun analyze on tiny runs trained in process (sdrun.train.train); the CLI's main() runs
+"""sdrun analyze on tiny runs trained in process (sdrun.launch.app.train); the CLI's main() runs
 `sdrun analyze` once (test_cli_compares_two_runs), in this process like the rest.
 
 The exact-equality checks compare the analysis's gated networks with forwards written out
@@ -13,10 +13,10 @@ import torch
 from matplotlib.image import imread
 
 from sdrun import cli
-from sdrun.analyze import (SubnetworkEvaluator, analyze_run, doubling, load_trained_run, monte_carlo_ensemble,
+from sdrun.tools.analyze import (SubnetworkEvaluator, analyze_run, doubling, load_trained_run, monte_carlo_ensemble,
                            own_bn_statistics)
 from sdrun.files import load_checkpoint, save_checkpoint
-from sdrun.stochastic import GateSampler
+from sdrun.model.stochastic import GateSampler
 from tests.conftest import TINY, sdrun_main, train_in_process, write_cifar_pickles
 
 # ResNet-14: L = 6 blocks, two of them transitions (blocks 3 and 5), on 16 x 16 digits (a

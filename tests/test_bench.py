@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from sdrun.stochastic import expected_active_blocks, survival_probs
+from sdrun.model.stochastic import expected_active_blocks, survival_probs
 from tests.conftest import sdrun_main
 
 SMALL = ["--depth", "8", "--deep-depth", "14", "--batch-size", "16", "--steps", "1", "--repeats", "2",
@@ -64,7 +64,7 @@ def test_speed_and_concurrent_sections_in_process(tmp_path, capsys):
     on the CPU), their rates summed; graphs on the CPU and a bad K are one-line errors."""
     import torch
 
-    from sdrun.bench import run_bench
+    from sdrun.tools.bench import run_bench
 
     threads = torch.get_num_threads()
     tiny = ["--device", "cpu", "--depth", "8", "--batch-size", "8", "--steps", "1", "--repeats", "2",
@@ -99,7 +99,7 @@ def test_speed_and_concurrent_sections_in_process(tmp_path, capsys):
 
 
 def test_a_failing_concurrent_process_is_named_not_waited_for():
-    from sdrun.bench_concurrent import ConcurrentFailure, measure
+    from sdrun.tools.bench_concurrent import ConcurrentFailure, measure
 
     settings = {"device": "cpu", "depth": 9, "pL": 0.5, "batch_size": 4, "speed": "eager", "warmup": 1,
                 "window_s": 0.1, "chunk": 1, "barrier_timeout_s": 30, "cores": 1}

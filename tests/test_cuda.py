@@ -54,22 +54,22 @@ RUN = ["dataset=digits", "depth=20", "pL=0.5", "epochs=2", "max_steps_per_epoch=
 
 
 def train_run(run_dir: Path, *overrides: str) -> dict:
-    from sdrun.train import train
+    from sdrun.launch.app import train
     return train(compose_cfg(*RUN, *overrides), run_dir)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_step_and_gradient_statistics_never_sync_the_host(precision):
-    """The trainer's step body (sdrun.train.train) with its device-side bookkeeping, under
+    """The trainer's step body (sdrun.launch.app.train) with its device-side bookkeeping, under
     torch.cuda.set_sync_debug_mode("error"): any synchronising call raises."""
     from omegaconf import OmegaConf
 
     from sdrun.config import Toggle
-    from sdrun.gradstats import GradStats
-    from sdrun.models import build_model
-    from sdrun.runtime import autocast, resolve_runtime
-    from sdrun.stochastic import GateSampler
-    from sdrun.train import make_optimizer
+    from sdrun.engine.gradstats import GradStats
+    from sdrun.model.resnet import build_model
+    from sdrun.engine.runtime import autocast, resolve_runtime
+    from sdrun.model.stochastic import GateSampler
+    from sdrun.engine.loop import make_optimizer
 
     rt = resolve_runtime(OmegaConf.create({"device": "cuda", "precision": precision, "eval_precision": "same",
                                            "channels_last": Toggle.auto, "deterministic": False}))
@@ -115,12 +115,13 @@ def test_step_and_gradient_statistics_never_sync_the_host(precision):
 
 
 def test_device_data_path_never_syncs():
-    """sdrun.data.TrainBatches, the CIFAR/SVHN/digits path (uint8 split resident on the GPU,
+    """sdrun.data.batches.TrainBatches, the CIFAR/SVHN/digits path (uint8 split resident on the GPU,
     translation, flips, channels_last), after a warm-up epoch, under
     torch.cuda.set_sync_debug_mode("error"): any synchronising call while drawing, copying
     or augmenting a batch raises. A copy to the GPU from pageable host memory is one: it
     waits for the GPU's queue to drain, so the CPU could not run ahead of the GPU."""
-    from sdrun.data import Normalizer, Split, TrainBatches
+    from sdrun.data.batches import Normalizer, TrainBatches
+    from sdrun.data.readers import Split
 
     g = torch.Generator().manual_seed(0)
     n = 144  # batch 32: 4 full steps and a smaller last one of 16
@@ -198,11 +199,11 @@ def test_evaluation_precision_can_differ_from_training(tmp_path):
 
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     import sdrun.files
-    import sdrun.state
+    import sdrun.engine.state
     # Here, not at the top: a wheel older than the shared definition then fails this test
     # alone, not the collection of the whole file.
-    from sdrun.results import WALL_CLOCK_KEYS
-    from sdrun.train import Interrupted
+    from sdrun.rundir import WALL_CLOCK_KEYS
+    from sdrun.engine.loop import Interrupted
 
     settings = ["precision=fp32", "deterministic=true", "epochs=3"]
     train_run(tmp_path / "whole", *settings)
@@ -216,10 +217,10 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
         if writes[0] == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(sdrun.state, "save_checkpoint", save_then_term)
+    monkeypatch.setattr(sdrun.engine.state, "save_checkpoint", save_then_term)
     with pytest.raises(Interrupted, match="after epoch 1"):
         train_run(tmp_path / "cut", *settings)
-    monkeypatch.setattr(sdrun.state, "save_checkpoint", real_save)
+    monkeypatch.setattr(sdrun.engine.state, "save_checkpoint", real_save)
     assert not (tmp_path / "cut" / "results.json").exists()
     train_run(tmp_path / "cut", *settings)  # the same command again resumes
 
@@ -240,7 +241,7 @@ def test_torchrun_one_nccl_process_completes(tmp_path):
     """One process under torchrun on the GPU: the NCCL process group, DDP around the model and
     the trainer's distributed bookkeeping (sharded batches and evaluation, rank agreement,
     rank 0's writes) complete a run. This does not exercise SyncBatchNorm: sync_bn=true does
-    convert the BatchNorm layers (sdrun.distributed.wrap: a torchrun process is distributed
+    convert the BatchNorm layers (sdrun.engine.distributed.wrap: a torchrun process is distributed
     even alone), but at world size 1 torch's SyncBatchNorm.forward falls back to plain
     batch_norm (need_sync = world_size > 1), so no statistic crosses processes; that needs 2
     GPUs. sync_bn=true stays on the command line only so that the conversion runs."""
@@ -261,9 +262,9 @@ def test_torchrun_one_nccl_process_completes(tmp_path):
 
 def test_per_branch_compile_matches_eager(tmp_path):
     """Inductor-compiled branches vs eager, strict fp32, same gates (drops included)."""
-    from sdrun.models import build_model
-    from sdrun.runtime import set_fp32_math
-    from sdrun.speed import compile_branches
+    from sdrun.model.resnet import build_model
+    from sdrun.engine.runtime import set_fp32_math
+    from sdrun.engine.speed import compile_branches
 
     set_fp32_math("fp32")
     torch._dynamo.reset()

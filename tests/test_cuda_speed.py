@@ -16,7 +16,7 @@ Tolerances (relative L2 norm over all parameters, ||fast - eager|| / ||eager||):
   statistics update, a wrong gradient) moves parameters by 1e-2 or more.
 - fused vs foreach SGD: 1e-6 after 20 steps of random gradients (last-bit rounding of a
   contracted multiply-add per step).
-- the trainer (sdrun.train) with speed=graphs vs eager: per-epoch metrics within 1e-4.
+- the trainer (sdrun.engine.loop) with speed=graphs vs eager: per-epoch metrics within 1e-4.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from sdrun.models import build_model
-from sdrun.optim import make_optimizer
-from sdrun.speed import BranchGraphs, apply_speed
-from sdrun.stochastic import GateSampler
+from sdrun.model.resnet import build_model
+from sdrun.engine.optim import make_optimizer
+from sdrun.engine.speed import BranchGraphs, apply_speed
+from sdrun.model.stochastic import GateSampler
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
@@ -181,7 +181,7 @@ def test_trainer_with_graphs_matches_eager(tmp_path):
     from hydra import compose, initialize_config_module
 
     from sdrun.config import register_configs
-    from sdrun.train import train
+    from sdrun.launch.app import train
 
     register_configs()
     rows = {}

@@ -4,8 +4,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
-from sdrun.data import (DataError, Normalizer, Split, TrainBatches, load_image_data, split_validation,
-                        translate_and_flip)
+from sdrun.data.batches import Normalizer, TrainBatches, translate_and_flip
+from sdrun.data.readers import DataError, Split, load_image_data, split_validation
 from tests.conftest import write_cifar_pickles, write_image_folder
 
 
@@ -73,7 +73,7 @@ def test_digits_are_brought_to_cifar_shape():
 def test_digits_are_read_as_scikit_learn_loads_them():
     from sklearn.datasets import load_digits
 
-    from sdrun.data import _read_digits
+    from sdrun.data.readers import _read_digits
 
     pixels, labels = _read_digits()
     reference = load_digits()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdrun.results import WALL_CLOCK_KEYS
+from sdrun.rundir import WALL_CLOCK_KEYS
 from tests.conftest import read_jsonl, sdrun_main
 
 HERE = Path(__file__).parent
@@ -115,9 +115,10 @@ def test_training_errors_are_counted_over_both_ranks(runs):
 def one_process_errors(state: dict, ctx=None) -> dict:
     """Val and test error (%) of a model state on the run's splits (or on one rank's part of
     them), evaluated here in one process."""
-    from sdrun.data import eval_batches, fit_normalizer, load_image_data
-    from sdrun.distributed import shard
-    from sdrun.models import model_for
+    from sdrun.data.batches import eval_batches, fit_normalizer
+    from sdrun.data.readers import load_image_data
+    from sdrun.ranks import shard
+    from sdrun.model.resnet import model_for
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg(*RUN)
@@ -140,7 +141,7 @@ def one_process_errors(state: dict, ctx=None) -> dict:
 def test_evaluation_errors_are_the_checkpointed_models_in_one_process(runs):
     """The sharded val/test errors, summed over ranks, are the final model's errors on the
     whole splits, as one process measures them (rank 0's part alone gives other numbers)."""
-    from sdrun.distributed import Context
+    from sdrun.ranks import Context
     from sdrun.files import load_checkpoint
 
     state = load_checkpoint(runs / "ddp" / "run" / "checkpoint.pt")["model"]
@@ -153,7 +154,7 @@ def test_evaluation_errors_are_the_checkpointed_models_in_one_process(runs):
 def test_evaluation_errors_are_summed_over_the_ranks_slices(runs):
     """What each rank evaluated (its final weights and buffers, its slice), counted here in one
     process and summed: the run's val/test errors."""
-    from sdrun.distributed import Context
+    from sdrun.ranks import Context
 
     r0, r1 = (torch.load(runs / "ddp" / "probe" / f"rank{r}.pt") for r in (0, 1))
     parts = [one_process_errors(rank["state"], Context(i, 2)) for i, rank in enumerate((r0, r1))]

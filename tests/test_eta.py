@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sdrun.eta import EpochClock, hms
+from sdrun.engine.clock import EpochClock, hms
 from sdrun.liveness import HEARTBEAT, STALE_S, Busy, Lease, is_running, lock_held
 
 

@@ -1,4 +1,4 @@
-"""sdrun.evaluation.Evaluator: which evaluation is selected, and when the test set is evaluated.
+"""sdrun.engine.evaluate.Evaluator: which evaluation is selected, and when the test set is evaluated.
 
 The error function is scripted (a list of validation and test errors per call), so each case
 says exactly which numbers the protocol must pick; the real trainer drives the same class in
@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
-from sdrun.evaluation import Evaluator
+from sdrun.engine.evaluate import Evaluator
 from tests.conftest import read_jsonl
 
 

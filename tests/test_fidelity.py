@@ -14,14 +14,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from sdrun import fidelity
-from sdrun.collect import find_runs, group_runs
+from sdrun.report.collect import find_runs, group_runs
 from sdrun.config import register_configs, validate
-from sdrun.data import Normalizer
-from sdrun.evaluation import Evaluator
-from sdrun.imagenet import PCA_EIGVAL, PCA_EIGVEC, ColorAugment, color_jitter, lighting
-from sdrun.models import CifarResNet, PadShortcut, build_model
-from sdrun.report import table1_rows
-from sdrun.schedule import epochs_per_lr, lr_at
+from sdrun.data.batches import Normalizer
+from sdrun.engine.evaluate import Evaluator
+from sdrun.data.imagenet import PCA_EIGVAL, PCA_EIGVEC, ColorAugment, color_jitter, lighting
+from sdrun.model.resnet import CifarResNet, PadShortcut, build_model
+from sdrun.report.tables import table1_rows
+from sdrun.engine.schedule import epochs_per_lr, lr_at
 from tests.run_fixtures import write_run
 
 

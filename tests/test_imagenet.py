@@ -11,14 +11,14 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdrun.config import validate
-from sdrun.data import DataError
-from sdrun.distributed import SINGLE, Context
-from sdrun.imagenet import load_imagenet
-from sdrun import analyze
+from sdrun.data.readers import DataError
+from sdrun.ranks import SINGLE, Context
+from sdrun.data.imagenet import load_imagenet
+from sdrun.tools import analyze
 from sdrun.files import load_checkpoint
-from sdrun.models import ImageNetResNet, build_model
-from sdrun.stochastic import survival_probs
-from sdrun.schedule import lr_at
+from sdrun.model.resnet import ImageNetResNet, build_model
+from sdrun.model.stochastic import survival_probs
+from sdrun.engine.schedule import lr_at
 from tests.conftest import compose_cfg, read_jsonl, train_in_process, write_imagenet_folder
 
 
@@ -181,8 +181,8 @@ def test_tiny_run(tmp_path, capsys):
 
 def test_global_batches_are_split_across_ranks_without_overlap():
     """Under torchrun each rank loads its part of the same global batch (batch_size is global)."""
-    from sdrun.distributed import Context
-    from sdrun.imagenet import GlobalBatchSampler
+    from sdrun.ranks import Context
+    from sdrun.data.imagenet import GlobalBatchSampler
     from sdrun.rng import cpu_generator
 
     single = list(GlobalBatchSampler(23, 8, cpu_generator(1, "data")))

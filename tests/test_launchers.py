@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hydra.types import RunMode
 
-from sdrun.launchers import available_cores, claim_slot, default_local_jobs, gpu_slot, threads_per_job
+from sdrun.launch.launchers import available_cores, claim_slot, default_local_jobs, gpu_slot, threads_per_job
 from tests.conftest import TINY, run_sdrun, sdrun_main, write_cifar_pickles
 
 
@@ -67,7 +67,7 @@ def _end_jobs(sweep: str, nums: list[int]) -> None:
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
 
-    from sdrun.guard import RunDirGuard
+    from sdrun.launch.guard import RunDirGuard
 
     for num in nums:
         config = OmegaConf.create({"hydra": {"mode": "MULTIRUN", "sweep": {"dir": sweep}, "job": {"num": num},

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from sdrun.models import CifarResNet, PadShortcut, first_conv
-from sdrun.train import make_optimizer
+from sdrun.model.resnet import CifarResNet, PadShortcut, first_conv
+from sdrun.engine.loop import make_optimizer
 
 
 def n_params(model):

@@ -4,7 +4,7 @@ On CUDA a step stalls the CPU (so it can no longer queue work ahead of the GPU) 
 device value on the host (`.item()`, `bool()`, `int()`), runs an op whose output shape depends
 on the data (`nonzero`, `masked_select`, `unique`: the shape is read back), or copies host
 memory to the device without `non_blocking=True` (torch synchronises the stream; from pageable
-memory even a non-blocking copy is staged, so sdrun pins first on CUDA: sdrun.data.to_device).
+memory even a non-blocking copy is staged, so sdrun pins first on CUDA: sdrun.data.batches.to_device).
 tests/test_cuda.py checks this on a GPU with torch.cuda.set_sync_debug_mode; a CPU has no
 stream to sync, so here the same hot path runs on PyTorch's meta device (tensors with shapes
 and no data, a device other than the host) under a TorchDispatchMode that sees every aten op
@@ -18,16 +18,18 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdrun import distributed
-from sdrun.data import Normalizer, Split, TrainBatches
-from sdrun.evaluation import Evaluator
-from sdrun.gradstats import GradStats
-from sdrun.models import build_model
-from sdrun.optim import make_optimizer
-from sdrun.runtime import resolve_runtime
-from sdrun.state import TrainState
-from sdrun.stochastic import GateSampler
-from sdrun.train import StopSignals, train_epoch
+from sdrun.engine import distributed
+from sdrun.data.batches import Normalizer, TrainBatches
+from sdrun.data.readers import Split
+from sdrun.engine.evaluate import Evaluator
+from sdrun.engine.gradstats import GradStats
+from sdrun.model.resnet import build_model
+from sdrun.engine.optim import make_optimizer
+from sdrun.engine.runtime import resolve_runtime
+from sdrun.engine.state import TrainState
+from sdrun.model.stochastic import GateSampler
+from sdrun.engine.loop import StopSignals, train_epoch
+from sdrun.ranks import SINGLE
 
 META = torch.device("meta")
 # Ops that read device memory back to the host, or whose output shape depends on the data.
@@ -85,7 +87,7 @@ def watched_epoch(steps: int) -> SyncWatch:
     evaluator = Evaluator(lambda name: (0.0, 0.0), has_val=False, every_steps=None, top5=False,
                           run_dir="unused", sync=lambda: None, write=False)  # no step evaluations: writes nothing
     with StopSignals() as stop, SyncWatch() as watch:
-        stats = train_epoch(model, state, rt, distributed.SINGLE, evaluator, GradStats(model), stop)
+        stats = train_epoch(model, state, rt, SINGLE, evaluator, GradStats(model), stop)
     assert stats.steps == steps and stats.loss_sum.device == META
     return watch
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from sdrun.models import CifarResNet, first_conv
-from sdrun.optim import fused_supported, make_optimizer, resolve_impl
+from sdrun.model.resnet import CifarResNet, first_conv
+from sdrun.engine.optim import fused_supported, make_optimizer, resolve_impl
 
 OPTIM = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})
 
@@ -81,7 +81,7 @@ def test_a_checkpoint_of_another_implementation_keeps_this_ones_kernels():
         p.grad = torch.ones_like(p)
     old.step()
     state = old.state_dict()
-    assert state["param_groups"][0]["fused"] is None  # what checkpoints before sdrun.optim hold
+    assert state["param_groups"][0]["fused"] is None  # what checkpoints before sdrun.engine.optim hold
     opt = make_optimizer(m, OPTIM, impl="fused")
     opt.load_state_dict(state)
     assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False

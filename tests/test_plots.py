@@ -1,12 +1,12 @@
-"""sdrun.plots on hand-written run directories: what each figure shows, not just that it exists."""
+"""sdrun.report.figures on hand-written run directories: what each figure shows, not just that it exists."""
 
 import math
 
 import numpy as np
 import pytest
 
-from sdrun.plots import fig3, fig7, fig8_heatmap, fig8_pL, lr_drops, make_figures
-from sdrun.collect import find_runs, group_runs
+from sdrun.report.figures import fig3, fig7, fig8_heatmap, fig8_pL, lr_drops, make_figures
+from sdrun.report.collect import find_runs, group_runs
 from tests.run_fixtures import curve, write_run
 
 

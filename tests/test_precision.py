@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from sdrun.config import ConfigError
 from sdrun.config import removed_key_error
-from sdrun.runtime import autocast, device_info, resolve_precision, resolve_runtime
-from sdrun.train import train
+from sdrun.engine.runtime import autocast, device_info, resolve_precision, resolve_runtime
+from sdrun.launch.app import train
 from tests.conftest import TINY, compose_cfg, global_state_kept, run_sdrun
 
 CPU = torch.device("cpu")

@@ -10,8 +10,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sdrun.config import DatasetConfig
-from sdrun.data import find_data
-from sdrun.guard import StartSnapshot, first_missing
+from sdrun.data.readers import find_data
+from sdrun.launch.guard import StartSnapshot, first_missing
 from tests.conftest import TINY, run_sdrun, sdrun_main, write_cifar_pickles, write_image_folder, write_svhn_mats
 
 

@@ -1,4 +1,4 @@
-"""sdrun.collect and sdrun.report on hand-written run directories: exact aggregation and skipping."""
+"""sdrun.report.collect and sdrun.report.tables on hand-written run directories: exact aggregation and skipping."""
 
 import csv
 import json
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from sdrun import paper
-from sdrun.report import markdown, table1_rows, table2_rows, write_outputs
-from sdrun.collect import find_runs, group_runs
+from sdrun.report import paper
+from sdrun.report.tables import markdown, table1_rows, table2_rows, write_outputs
+from sdrun.report.collect import find_runs, group_runs
 from tests.run_fixtures import write_run
 
 

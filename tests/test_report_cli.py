@@ -73,8 +73,8 @@ def test_plot_from_real_runs(smoke_runs, tmp_path):
 
 
 def test_report_page_holds_sdrun_tables_tables_figures_and_analyses(smoke_runs, tmp_path, capsys):
-    from sdrun.report import main as table_main
-    from sdrun.report_page import main as report_main
+    from sdrun.report.tables import main as table_main
+    from sdrun.report.page import main as report_main
 
     root = tmp_path / "runs"
     shutil.copytree(smoke_runs, root)  # the analysis added below stays out of the other tests

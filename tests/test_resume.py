@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from sdrun.files import OutputError, atomic_write, load_checkpoint
-from sdrun.results import WALL_CLOCK_KEYS
+from sdrun.rundir import WALL_CLOCK_KEYS
 from tests.conftest import SDRUN, read_jsonl, sdrun_main
 
 # Six short epochs with step evaluations (SVHN's protocol), so evals.jsonl and the best-val

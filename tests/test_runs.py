@@ -1,4 +1,4 @@
-"""sdrun.runs.check_run_dir: is a run directory new, finished, resumable, or another config's?"""
+"""sdrun.launch.runs.check_run_dir: is a run directory new, finished, resumable, or another config's?"""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 
 from sdrun.config import to_plain
 from sdrun.files import save_checkpoint
-from sdrun.runs import AlreadyFinished, CheckpointError, check_run_dir
+from sdrun.launch.runs import AlreadyFinished, CheckpointError, check_run_dir
 from tests.conftest import compose_cfg
 
 CFG = ["dataset=digits", "depth=8", "epochs=3"]

@@ -8,7 +8,7 @@ against the reference's rule).
 import pytest
 from omegaconf import OmegaConf
 
-from sdrun.schedule import lr_at
+from sdrun.engine.schedule import lr_at
 from tests.conftest import compose_cfg
 
 

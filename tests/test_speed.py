@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdrun.models import build_model
-from sdrun.speed import compile_branches
+from sdrun.model.resnet import build_model
+from sdrun.engine.speed import compile_branches
 
 
 def symbolic_inputs(gm: torch.fx.GraphModule) -> list[str]:
@@ -38,7 +38,7 @@ def test_per_branch_compile_matches_eager_with_static_shapes_and_keeps_parameter
     assert compile_branches(compiled, backend=eager_backend) == 6
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for p in [*eager.parameters(), *compiled.parameters()]:
-        p.grad = torch.zeros_like(p)  # as sdrun.train.make_optimizer does
+        p.grad = torch.zeros_like(p)  # as sdrun.engine.loop.make_optimizer does
 
     gates = [True, False, True, True, False, True]  # a dropped plain block and a dropped transition
     # Three training batch sizes (a full batch, an epoch's smaller last batch, a torchrun
@@ -64,7 +64,7 @@ def test_per_branch_compile_matches_eager_with_static_shapes_and_keeps_parameter
         x = torch.randn(20, 3, 32, 32)
         assert torch.allclose(eager(x), compiled(x), atol=1e-5)
     assert [symbolic_inputs(gm) for gm in graphs if symbolic_inputs(gm)] == []
-    # One static graph per branch kind and input shape, the count sdrun.speed.RECOMPILE_LIMIT
+    # One static graph per branch kind and input shape, the count sdrun.engine.speed.RECOMPILE_LIMIT
     # is sized by: training ran 4 kinds (the stage-3 transition is dropped) at 3 batch sizes,
     # evaluation all 5 (each stage's plain block, 2 transitions; the two stage-1 blocks share
     # one) at 1; and no shape fell back to eager at the limit.
@@ -76,7 +76,7 @@ def test_per_branch_compile_matches_eager_with_static_shapes_and_keeps_parameter
 
 def test_speed_modes_resolve_and_refuse_what_cannot_run_here():
     from sdrun.config import ConfigError
-    from sdrun.speed import resolve_speed
+    from sdrun.engine.speed import resolve_speed
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_speed("auto", cpu) == resolve_speed("auto", cuda) == "eager"  # until a GPU measures
@@ -92,7 +92,7 @@ def test_speed_modes_resolve_and_refuse_what_cannot_run_here():
 def test_graphed_branches_keep_names_and_run_eagerly_off_cuda():
     """graph_branches only replaces each branch's forward: same parameter and buffer names,
     and on CPU tensors (or in eval mode) the very same eager computation."""
-    from sdrun.speed import BranchGraphs, graph_branches
+    from sdrun.engine.speed import BranchGraphs, graph_branches
 
     torch.manual_seed(0)
     eager = build_model("cifar_resnet", 14, 10, 0.5, "linear")
@@ -122,7 +122,7 @@ def test_old_compile_key_is_one_clear_line_and_graphs_on_cpu_too(tmp_path):
 
 def test_runs_from_before_the_switch_still_resume_and_group():
     """A checkpoint or results.json written with compile=false (before speed=) is the same recipe."""
-    from sdrun.runs import config_differences
+    from sdrun.launch.runs import config_differences
 
     old = {"compile": False, "depth": 8, "pL": 0.5}
     assert config_differences(old, {"speed": "auto", "depth": 8, "pL": 0.5}) == []

@@ -12,14 +12,15 @@ import torch
 from omegaconf import OmegaConf
 
 from sdrun.config import OptimConfig
-from sdrun.data import Normalizer, TrainBatches, load_digits_data
-from sdrun.optim import make_optimizer
+from sdrun.data.batches import Normalizer, TrainBatches
+from sdrun.data.readers import load_digits_data
+from sdrun.engine.optim import make_optimizer
 from sdrun.rng import seed_global
-from sdrun.runtime import Runtime
-from sdrun.state import CheckpointError, SavedRun, TrainState, read_checkpoint
-from sdrun.models import build_model
-from sdrun.stochastic import GateSampler
-from sdrun.train import train_step
+from sdrun.engine.runtime import Runtime
+from sdrun.engine.state import CheckpointError, SavedRun, TrainState, read_checkpoint
+from sdrun.model.resnet import build_model
+from sdrun.model.stochastic import GateSampler
+from sdrun.engine.loop import train_step
 
 RT = Runtime(torch.device("cpu"), precision="fp32", eval_precision="fp32", channels_last=False)
 

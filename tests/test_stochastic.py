@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdrun.stochastic import GateSampler, StochasticResidual, expected_active_blocks, survival_probs
+from sdrun.model.stochastic import GateSampler, StochasticResidual, expected_active_blocks, survival_probs
 
 
 def test_linear_decay_matches_formula_for_resnet110():

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sdrun.data import DataError, load_image_data
+from sdrun.data.readers import DataError, load_image_data
 from tests.conftest import TINY, compose_cfg, read_jsonl, train_in_process, write_svhn_mats
 
 

@@ -8,7 +8,7 @@ Fig. 8 left   test error against pL, linear decay vs uniform, with the constant-
 Fig. 8 right  heatmap of test error over pL and depth
 
 Curves are means over seeds with a +-1 std band. Every figure is drawn for each set of
-runs that share dataset, depth and recipe (see sdrun.collect); a figure whose data is not in
+runs that share dataset, depth and recipe (see sdrun.report.collect); a figure whose data is not in
 the runs is skipped with a one-line reason. Figures are built with matplotlib's
 object-oriented API (Figure, no pyplot state), so drawing needs no display.
 """
@@ -27,8 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from sdrun.errors import ArgParser
-from sdrun.results import HEADLINE
-from sdrun.collect import Group, RunsError, cohorts, load_groups, variant_labels
+from sdrun.rundir import HEADLINE
+from sdrun.report.collect import Group, RunsError, cohorts, load_groups, variant_labels
 
 ERROR_KEY = HEADLINE
 GRAD_KEY = "grad_mean_abs"      # per-epoch list, one value per block (element 0: block 1), null if it never ran

@@ -3,7 +3,7 @@
 The model knows nothing about how gates are drawn: `forward(x, gates)` takes one gate per
 block (True = run, False = drop, None = test rule) and `forward(x)` is the test-time network.
 Block types only provide a residual branch and a shortcut, so every family shares the
-same stochastic-depth mechanism (sdrun.stochastic).
+same stochastic-depth mechanism (sdrun.model.stochastic).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdrun.stochastic import StochasticResidual, run_blocks, survival_probs
+from sdrun.model.stochastic import StochasticResidual, run_blocks, survival_probs
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:

@@ -7,13 +7,13 @@ before it spends GPU hours.
   Hydra's config loader exactly as the launcher will compose it.
 - `job_problem` checks one composed job without training: `validate` (ranges, depth for
   the architecture, device available), the dataset's files present and readable
-  (`sdrun.data.find_data`), and its run directory not holding another config's run.
+  (`sdrun.data.readers.find_data`), and its run directory not holding another config's run.
 - `check_sweep` (RunDirGuard.on_multirun_start) runs both for every job: if any would fail,
   one error line per bad job on stderr and nothing is launched (exit 2). It runs before
   Hydra creates the sweep directory, so a rejected sweep leaves nothing on disk.
 - `check=true` (`report`): for a run or every job of a sweep, builds everything up to the
   first step (data read, model built, device), prints the resolved setting, times a few
-  real training steps (`sdrun.train.train_step` on the run's own batches and gates) and
+  real training steps (`sdrun.engine.loop.train_step` on the run's own batches and gates) and
   projects the training time; then exits 0 without writing into runs/ or multirun/.
 """
 
@@ -102,8 +102,8 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
         return str(e)
     # Imported after the range checks: sdrun.data imports torch (seconds), which a sweep with
     # a bad value should not wait for.
-    from sdrun.data import find_data
-    from sdrun.runs import AlreadyFinished, check_run_dir
+    from sdrun.data.readers import find_data
+    from sdrun.launch.runs import AlreadyFinished, check_run_dir
 
     ds = cfg.dataset
     key = (ds.name, ds.root, str(ds.format), ds.download)
@@ -169,21 +169,21 @@ class Timing:
 
 
 def time_steps(cfg: DictConfig, out=None) -> tuple[dict, Timing]:
-    """Build a run's data, model and optimiser as `sdrun.train.train` does, and time
+    """Build a run's data, model and optimiser as `sdrun.launch.app.train` does, and time
     TIMED_STEPS real training steps after WARMUP_STEPS; returns (facts, timing)."""
     out = out or sys.stdout  # the current one, not the one when this module was imported
     import torch
 
-    from sdrun.batches import build_run_data
-    from sdrun.gradstats import GradStats
-    from sdrun.models import model_for
-    from sdrun.optim import make_optimizer, set_lr
+    from sdrun.data.build import build_run_data
+    from sdrun.engine.gradstats import GradStats
+    from sdrun.model.resnet import model_for
+    from sdrun.engine.optim import make_optimizer, set_lr
     from sdrun.rng import derive_seed, seed_global
-    from sdrun.runtime import resolve_runtime, synchronize
-    from sdrun.schedule import lr_at
-    from sdrun.speed import apply_speed
-    from sdrun.stochastic import GateSampler
-    from sdrun.train import EpochStats, train_step
+    from sdrun.engine.runtime import resolve_runtime, synchronize
+    from sdrun.engine.schedule import lr_at
+    from sdrun.engine.speed import apply_speed
+    from sdrun.model.stochastic import GateSampler
+    from sdrun.engine.loop import EpochStats, train_step
 
     rt = resolve_runtime(cfg)
     seed_global(cfg.seed)
@@ -237,7 +237,7 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
     """The check's report lines and the projected training seconds."""
     import torch
 
-    from sdrun.stochastic import expected_active_blocks
+    from sdrun.model.stochastic import expected_active_blocks
 
     rt, data, probs = facts["rt"], facts["data"], facts["probs"]
     L, expected = len(probs), expected_active_blocks(probs)
@@ -247,7 +247,7 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
     total_steps = spe * epochs_left
     seconds = total_steps * timing.step_s
     o = cfg.optim
-    from sdrun.schedule import epochs_per_lr
+    from sdrun.engine.schedule import epochs_per_lr
     # Epochs at each lr, as the run will count them (optim.epoch_base: paper or reference reading)
     segments = ", ".join(f"{lr:g} x {n}" for lr, n in epochs_per_lr(cfg.epochs, o))
     schedule = f"lr {segments} epochs (milestones {list(o.milestones)}, epoch_base {o.epoch_base})" + \
@@ -281,7 +281,7 @@ def hours(seconds: float) -> str:
 
 def epochs_left(cfg: DictConfig, run_dir: Path | None) -> int:
     """Epochs still to train: all of them, or those after a resumable checkpoint."""
-    from sdrun.runs import check_run_dir
+    from sdrun.launch.runs import check_run_dir
 
     saved = check_run_dir(run_dir, cfg) if run_dir is not None else None
     return cfg.epochs - (saved.epoch if saved is not None else 0)
@@ -292,7 +292,7 @@ def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=None) -> 
 
     Jobs whose settings differ only in the seed share one timing (same model, same work)."""
     out = out or sys.stdout  # the current one, not the one when this module was imported
-    from sdrun.runs import AlreadyFinished
+    from sdrun.launch.runs import AlreadyFinished
 
     print("sdrun train: check=true: setting, data, model and a few timed steps; nothing is trained or written",
           file=out, flush=True)

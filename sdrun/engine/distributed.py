@@ -45,39 +45,12 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from sdrun.config import ConfigError
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where this process sits in the run: rank r of world_size (LOCAL_RANK on its node)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    grouped: bool = False  # in a process group (torchrun), even one of a single process
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or self.grouped
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE = Context()
-
-
-def launched_by_torchrun() -> bool:
-    # TORCHELASTIC_RUN_ID: torchrun sets it for every worker, so `--nproc_per_node=1` still
-    # goes through the process group (NCCL on CUDA) and DDP: one GPU can test those (not
-    # SyncBatchNorm, which torch runs as plain batch norm at world size 1).
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+from sdrun.ranks import SINGLE, Context, launched_by_torchrun
 
 
 def init() -> Context:
@@ -130,13 +103,6 @@ def wrap(model: torch.nn.Module, device: torch.device, ctx: Context, sync_bn: bo
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
-
-
-def shard(n: int, ctx: Context) -> slice:
-    """This rank's contiguous part of n items (sizes differ by at most one, like tensor_split)."""
-    base, extra = divmod(n, ctx.world_size)
-    start = ctx.rank * base + min(ctx.rank, extra)
-    return slice(start, start + base + (ctx.rank < extra))
 
 
 def loss_weight(local: int, global_: int, ctx: Context) -> float:

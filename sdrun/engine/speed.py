@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from sdrun.config import ConfigError, Speed
-from sdrun.stochastic import StochasticResidual
+from sdrun.model.stochastic import StochasticResidual
 
 log = logging.getLogger("sdrun")
 
@@ -165,7 +165,7 @@ class BranchGraphs:
         missing = [n for n, p in branch.named_parameters() if p.requires_grad and p.grad is None]
         if missing:
             raise RuntimeError(f"speed=graphs: parameter(s) {', '.join(missing)} have no .grad tensor; allocate "
-                               "every .grad before the first step (sdrun.optim.make_optimizer does)")
+                               "every .grad before the first step (sdrun.engine.optim.make_optimizer does)")
         saved = [b.detach().clone() for b in branch.buffers()]
         sample = x.detach().clone().requires_grad_(x.requires_grad)  # clone keeps the strides
         # Another thread's CUDA call (a DataLoader's pin-memory thread) must not void the

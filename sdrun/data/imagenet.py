@@ -27,8 +27,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from sdrun.data import DataError, RunData, global_batch_size, steps_per_epoch, to_device
-from sdrun.distributed import SINGLE, Context, shard
+from sdrun.data.batches import RunData, global_batch_size, steps_per_epoch, to_device
+from sdrun.data.readers import DataError
+from sdrun.ranks import SINGLE, Context, shard
 from sdrun.rng import cpu_generator
 
 # The ImageNet channel statistics in 0..255 units (fb.resnet.torch and torchvision use the same).
@@ -143,7 +144,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     Every rank shuffles with an identical generator (same seed, same state), so the global
     batches agree across ranks and `batch_size` means the global batch, as on the device
-    path (sdrun.data.TrainBatches). In one process it is plain shuffled batching.
+    path (sdrun.data.batches.TrainBatches). In one process it is plain shuffled batching.
     """
 
     def __init__(self, n: int, batch_size: int, generator: torch.Generator, ctx: Context = SINGLE):

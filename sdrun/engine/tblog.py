@@ -38,8 +38,8 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from torch.utils.tensorboard import SummaryWriter
 
-from sdrun.gradstats import GradStats
-from sdrun.results import HEADLINE
+from sdrun.engine.gradstats import GradStats
+from sdrun.rundir import HEADLINE
 from sdrun.config import Survival
 
 FIRST_BLOCK_TAG = "grad/first_block"

@@ -39,17 +39,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from sdrun.analyze_plots import plot_all, run_label
+from sdrun.tools.analyze_plots import plot_all, run_label
 from sdrun.errors import ArgParser, UserError, print_error
-from sdrun.data import Normalizer, Split, eval_batches, load_image_data
+from sdrun.data.batches import Normalizer, eval_batches
+from sdrun.data.readers import Split, load_image_data
 from sdrun.files import write_json
-from sdrun.models import model_for
-from sdrun.runtime import resolve_device
-from sdrun.state import CHECKPOINT, SavedRun
+from sdrun.model.resnet import model_for
+from sdrun.engine.runtime import resolve_device
+from sdrun.engine.state import CHECKPOINT, SavedRun
 from sdrun.rng import derive_seed
-from sdrun.stochastic import GateSampler, run_blocks
+from sdrun.model.stochastic import GateSampler, run_blocks
 
-# The datasets whose whole test split is held as uint8 tensors (sdrun.data.load_image_data).
+# The datasets whose whole test split is held as uint8 tensors (sdrun.data.readers.load_image_data).
 SMALL_IMAGE_DATASETS = ("cifar10", "cifar100", "svhn", "digits")
 
 BN_STATISTICS = ("eval mode: every network (test rule, sampled sub-networks, lesions, removals) uses "
@@ -426,7 +427,7 @@ def analyze(args: argparse.Namespace) -> list[dict]:
 def main(argv: list[str]) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
-    from sdrun.data import DataError
+    from sdrun.data.readers import DataError
 
     args = build_parser().parse_args(argv)
     try:
@@ -446,5 +447,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m sdrun.analyze RUN_DIR ...
+if __name__ == "__main__":  # python -m sdrun.tools.analyze RUN_DIR ...
     sys.exit(main(sys.argv[1:]))

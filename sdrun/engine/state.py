@@ -40,14 +40,14 @@ class CheckpointError(UserError, RuntimeError):
 class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    gates: Any      # sdrun.stochastic.GateSampler
-    batches: Any    # the training batch source (sdrun.data.TrainBatchSource)
+    gates: Any      # sdrun.model.stochastic.GateSampler
+    batches: Any    # the training batch source (sdrun.data.batches.TrainBatchSource)
     normalizer: Any  # saved so that `sdrun analyze` can normalise the test split as training did
     epoch: int = 0   # epochs completed
     step: int = 0    # training steps completed
     train_time_s: float = 0.0  # training time of the completed epochs (evaluation excluded)
     active_total: int = 0      # blocks run, summed over the completed steps
-    best: dict = field(default_factory=dict)  # sdrun.evaluation.Evaluator.best
+    best: dict = field(default_factory=dict)  # sdrun.engine.evaluate.Evaluator.best
     last_record: dict | None = None  # the last epoch's metrics.jsonl line
 
     def save(self, path: Path, config: dict) -> None:

@@ -1,9 +1,9 @@
 """The Hydra callback that guards run directories and sweeps (conf/train.yaml registers it).
 
 - `RunDirGuard.on_run_start` checks a single run's directory *before* Hydra writes its
-  .hydra/ snapshot into it (sdrun.runs.check_run_dir), so a bad invocation never touches an
+  .hydra/ snapshot into it (sdrun.launch.runs.check_run_dir), so a bad invocation never touches an
   existing run, and remembers what was there so that a run that fails before its first epoch
-  leaves no trace (`undo_failed_start`); with check=true it reports and stops (sdrun.preflight).
+  leaves no trace (`undo_failed_start`); with check=true it reports and stops (sdrun.launch.preflight).
 - `RunDirGuard.on_multirun_start` checks every job of a sweep before the first starts.
 - `RunDirGuard.on_job_end` keeps `sweep_summary.json` in a multirun's sweep directory,
   so a failed job is recorded with its overrides and error while the others finish.
@@ -28,7 +28,8 @@ from sdrun.config import ConfigError, validate
 from sdrun.errors import one_line
 from sdrun.files import write_json
 from sdrun.liveness import refuse_if_busy
-from sdrun.runs import check_run_dir, resume_dir
+from sdrun.launch.runs import check_run_dir, resume_dir
+from sdrun.ranks import env_rank
 
 
 class GuardStop(BaseException):
@@ -45,7 +46,8 @@ class RunDirGuard(Callback):
         RUN_START = None
         try:
             validate(config)
-            from sdrun.distributed import current, launched_by_torchrun, share_run_dir
+            from sdrun.engine.distributed import current, share_run_dir
+            from sdrun.ranks import launched_by_torchrun
             if config.check and launched_by_torchrun():
                 raise ConfigError("check=true runs in one process; run it without torchrun")
             # Before torchrun's other ranks can create rank 0's directory (share_run_dir lets them go on).
@@ -56,11 +58,11 @@ class RunDirGuard(Callback):
                     config.hydra.run.dir = str(resume_dir(config.resume))
                 created = None
             task_cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
-            if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 alone will hold the lock
+            if env_rank() == 0:  # torchrun: rank 0 alone will hold the lock
                 refuse_if_busy(Path(config.hydra.run.dir))  # before Hydra rewrites its .hydra/ there
             check_run_dir(Path(config.hydra.run.dir), task_cfg)
             if config.check:  # stop before Hydra creates the run directory
-                from sdrun.preflight import report
+                from sdrun.launch.preflight import report
                 report([(None, task_cfg, Path(config.hydra.run.dir))])
                 raise SystemExit(0)
             if current().is_main:  # only rank 0 writes into the run directory, so only it undoes
@@ -69,13 +71,13 @@ class RunDirGuard(Callback):
             raise GuardStop(e) from e
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from sdrun.distributed import launched_by_torchrun
+        from sdrun.ranks import launched_by_torchrun
         if launched_by_torchrun():
             raise GuardStop(ConfigError("sdrun train -m under torchrun: a sweep's jobs are separate runs; "
                                         "launch the sweep without torchrun (hydra/launcher=parallel or slurm)"))
-        # Every job composed and checked before Hydra creates the sweep directory (sdrun.preflight).
+        # Every job composed and checked before Hydra creates the sweep directory (sdrun.launch.preflight).
         try:
-            from sdrun.preflight import check_sweep, report
+            from sdrun.launch.preflight import check_sweep, report
             jobs = check_sweep(config)
             if config.check:
                 if jobs is None:

@@ -182,7 +182,7 @@ class LauncherOptions(Callback):
         from omegaconf import OmegaConf
 
         from sdrun.config import ConfigError
-        from sdrun.guard import GuardStop
+        from sdrun.launch.guard import GuardStop
 
         launcher = config.hydra.launcher
         if "jobs_per_gpu" not in launcher:

@@ -1,7 +1,7 @@
 """Run directories: is this one new, resumable or finished, and does it belong to this config?
 
-sdrun.train checks its directory with `check_run_dir`; sdrun.guard's Hydra callback runs the
-same check before Hydra writes into the directory, and sdrun.preflight for every job of a sweep.
+sdrun.engine.loop checks its directory with `check_run_dir`; sdrun.launch.guard's Hydra callback runs the
+same check before Hydra writes into the directory, and sdrun.launch.preflight for every job of a sweep.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain
-from sdrun.results import FINISHED, RESULTS, read_results
-from sdrun.state import CHECKPOINT, CheckpointError, SavedRun
+from sdrun.rundir import FINISHED, RESULTS, read_results
+from sdrun.engine.state import CHECKPOINT, CheckpointError, SavedRun
 
 
 class AlreadyFinished(Exception):

@@ -2,7 +2,7 @@
 
 It reads only small files, so it answers in well under a second on a login node:
   results.json         finished runs (the numbers of record)
-  metrics.jsonl        per-epoch progress: epoch, errors, elapsed_s, eta_s (sdrun.eta)
+  metrics.jsonl        per-epoch progress: epoch, errors, elapsed_s, eta_s (sdrun.engine.clock)
   evals.jsonl          step evaluations (eval_every_steps), for the best validation error so far
   .hydra/config.yaml   the run's epochs before it finishes
   .sdrun.lock / .sdrun.heartbeat   whether a process trains it right now (sdrun.liveness)
@@ -23,9 +23,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdrun.collect import read_metrics
+from sdrun.report.collect import read_metrics
 from sdrun.errors import ArgParser, UserError
-from sdrun.eta import hms
+from sdrun.engine.clock import hms
 from sdrun.liveness import HEARTBEAT, LOCK, is_running
 
 STATES = ("finished", "running", "interrupted", "failed", "not started")

@@ -1,7 +1,7 @@
 """`sdrun report DIR... --out DIR`: one page to hand to a colleague (REPORT.md, PNGs beside it).
 
-Nothing here computes a number of its own: the tables are `sdrun table`'s (sdrun.report), the
-figures `sdrun plot`'s (sdrun.plots), the ensemble analyses the files `sdrun analyze` wrote
+Nothing here computes a number of its own: the tables are `sdrun table`'s (sdrun.report.tables), the
+figures `sdrun plot`'s (sdrun.report.figures), the ensemble analyses the files `sdrun analyze` wrote
 (analysis/report.txt and its PNGs, found below the directories). Around them: what was run
 (settings, seeds, device and GPU, precision, software versions, total time), and every table,
 figure or analysis the runs cannot support, with its one-line reason.
@@ -17,10 +17,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdrun.collect import (FinishedRun, NoRuns, RunsError, find_runs, group_runs, read_metrics,
+from sdrun.report.collect import (FinishedRun, NoRuns, RunsError, find_runs, group_runs, read_metrics,
                            resolved_precision)
 from sdrun.errors import ArgParser
-from sdrun.report import markdown, table1_rows, table2_rows, write_outputs
+from sdrun.report.tables import markdown, table1_rows, table2_rows, write_outputs
 
 VERSION_KEYS = ("sdrun", "python", "torch", "torchvision", "hydra", "omegaconf", "cuda", "platform")
 
@@ -32,7 +32,7 @@ def _counts(values) -> str:
 
 
 def _gpu(results: dict) -> str | None:
-    """The GPU's name: results.json's `hardware` (sdrun.runtime.device_info) on CUDA runs."""
+    """The GPU's name: results.json's `hardware` (sdrun.engine.runtime.device_info) on CUDA runs."""
     hardware = results.get("hardware") or {}
     return hardware.get("name") if hardware.get("type") == "cuda" else None
 
@@ -46,7 +46,7 @@ def _model(results: dict) -> str:
 
 
 def _wall_s(run: FinishedRun) -> float | None:
-    """The run's wall time over all its attempts: the last epoch's elapsed_s (sdrun.eta) when the
+    """The run's wall time over all its attempts: the last epoch's elapsed_s (sdrun.engine.clock) when the
     trainer logged it, plus the final write; else the last attempt's wall_time_s."""
     records = read_metrics(run.path)
     if records and records[-1].get("elapsed_s") is not None:
@@ -55,7 +55,7 @@ def _wall_s(run: FinishedRun) -> float | None:
 
 
 def what_was_run(runs: list[FinishedRun], skipped: list, dirs: list[str]) -> list[str]:
-    from sdrun.report import duration
+    from sdrun.report.tables import duration
 
     r = [run.results for run in runs]
     on_gpu = [run for run in runs if str(run.results.get("device", "")).startswith("cuda")]
@@ -114,7 +114,7 @@ def analyses_section(found: list[Path], out: Path) -> list[str]:
 
 
 def build(dirs: list[str], out: Path, command: list[str]) -> tuple[Path, list[Path]]:
-    from sdrun.plots import _safe, make_figures
+    from sdrun.report.figures import _safe, make_figures
 
     runs, skipped = find_runs(dirs)
     if not runs:

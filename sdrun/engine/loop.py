@@ -1,12 +1,12 @@
 """The training loop, top to bottom: data, model, optimiser, epochs, evaluation, outputs.
 
 One call of `train(cfg, run_dir)` is one run. It writes into run_dir:
-  events.out.tfevents.*  TensorBoard scalars, one point per epoch (sdrun.tblog)
+  events.out.tfevents.*  TensorBoard scalars, one point per epoch (sdrun.engine.tblog)
   by_step/               with eval_every_steps: TensorBoard error_by_step/* (x-axis: global step)
   metrics.jsonl          one JSON line per epoch
-  evals.jsonl            with eval_every_steps: one JSON line per evaluation (sdrun.evaluation)
-  checkpoint.pt          the latest epoch's full training state (sdrun.state)
-  results.json           headline numbers at the end (sdrun.results)
+  evals.jsonl            with eval_every_steps: one JSON line per evaluation (sdrun.engine.evaluate)
+  checkpoint.pt          the latest epoch's full training state (sdrun.engine.state)
+  results.json           headline numbers at the end (sdrun.rundir)
 
 The pieces, in the order a step uses them: `train_step` (one optimiser step; `sdrun bench`
 times this same function), `train_epoch` (one pass over the batches, statistics kept on
@@ -28,27 +28,27 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from sdrun import distributed, fidelity
-from sdrun.batches import build_run_data
-from sdrun.config import ConfigError, to_plain, validate
+from sdrun import fidelity
+from sdrun.engine import distributed
+from sdrun.data.build import build_run_data
+from sdrun.config import to_plain
 from sdrun.errors import UserError
-from sdrun.eta import EpochClock
-from sdrun.evaluation import Evaluator
+from sdrun.engine.clock import EpochClock
+from sdrun.engine.evaluate import Evaluator
 from sdrun.files import append_jsonl, rewrite_jsonl, write_json
-from sdrun.gradstats import GradStats
-from sdrun.liveness import Lease
-from sdrun.models import model_for
-from sdrun.optim import make_optimizer, set_lr
-from sdrun.results import FINISHED, HEADLINE, RESULTS
+from sdrun.engine.gradstats import GradStats
+from sdrun.model.resnet import model_for
+from sdrun.engine.optim import make_optimizer, set_lr
+from sdrun.rundir import FINISHED, HEADLINE, RESULTS
 from sdrun.rng import derive_seed, seed_global
-from sdrun.runs import check_run_dir
-from sdrun.runtime import (Runtime, autocast, device_info, fp32_math, resolve_runtime, software_versions,
+from sdrun.engine.runtime import (Runtime, autocast, device_info, fp32_math, resolve_runtime, software_versions,
                            synchronize)
-from sdrun.schedule import lr_at
-from sdrun.speed import apply_speed
-from sdrun.state import CHECKPOINT, SavedRun, TrainState
-from sdrun.stochastic import GateSampler, expected_active_blocks
-from sdrun.tblog import RunBoard, log_epoch
+from sdrun.engine.schedule import lr_at
+from sdrun.engine.speed import apply_speed
+from sdrun.engine.state import CHECKPOINT, SavedRun, TrainState
+from sdrun.model.stochastic import GateSampler, expected_active_blocks
+from sdrun.engine.tblog import RunBoard, log_epoch
+from sdrun.ranks import Context, SINGLE
 
 log = logging.getLogger("sdrun")
 
@@ -64,7 +64,7 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
 
     `loss_weight` scales the loss before backward (DDP: so that the average over ranks is the
     gradient of the global batch's mean loss). Gradients are zeroed in place, never set to
-    None, so a dropped block still gets weight decay and momentum (sdrun.optim).
+    None, so a dropped block still gets weight decay and momentum (sdrun.engine.optim).
     """
     with autocast(rt):
         out = net(x, gates)
@@ -103,14 +103,14 @@ class EpochStats:
         self.gate_crc = zlib.crc32(bytes(gates), self.gate_crc)
         self.steps = step
 
-    def sum_over_ranks(self, ctx: distributed.Context) -> None:
+    def sum_over_ranks(self, ctx: Context) -> None:
         self.seen = int(distributed.sum_(torch.tensor([self.seen]), ctx).item())
         distributed.sum_(self.loss_sum, ctx)
         distributed.sum_(self.wrong, ctx)
         self.first_bad_step = distributed.first_step(self.first_bad_step, ctx)
 
 
-def train_epoch(net, state: TrainState, rt: Runtime, ctx: distributed.Context, evaluator: Evaluator,
+def train_epoch(net, state: TrainState, rt: Runtime, ctx: Context, evaluator: Evaluator,
                 grad_stats: GradStats, stop: "StopSignals", bar: tqdm | None = None) -> EpochStats:
     """One pass over the training batches (and the step evaluations due inside it).
 
@@ -172,18 +172,7 @@ class StopSignals:
 
 # ---------------------------------------------------------------- the run
 
-def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
-    ctx = check_launch(cfg)  # torchrun's rank and world size; one process without torchrun
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
-    with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
-        if ctx.is_main:
-            lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
-        return run_training(cfg, run_dir, saved, ctx, progress)
-
-
-def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: distributed.Context,
+def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: Context,
                  progress: bool) -> dict:
     """Data, model, optimiser, then the epochs; `saved`: the checkpoint to resume from, or None."""
     rt = resolve_runtime(cfg)
@@ -193,7 +182,7 @@ def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: di
     data = build_run_data(cfg, rt.device, rt.channels_last, ctx)
     model = model_for(cfg).to(rt.device, memory_format=torch.channels_last if rt.channels_last
                               else torch.preserve_format)
-    speed = apply_speed(model, cfg.speed, rt.device, ctx.world_size)  # eager | compile | graphs (sdrun.speed)
+    speed = apply_speed(model, cfg.speed, rt.device, ctx.world_size)  # eager | compile | graphs (sdrun.engine.speed)
     state = TrainState(model, make_optimizer(model, cfg.optim), GateSampler(model.survival_probs,
                        derive_seed(cfg.seed, "gates")), data.train_batches, data.normalizer)
     evaluator = Evaluator(lambda name: evaluate(model, data.eval_sets[name](), rt, ctx),
@@ -284,22 +273,8 @@ def run_training(cfg: DictConfig, run_dir: Path, saved: SavedRun | None, ctx: di
 
 # ---------------------------------------------------------------- the run's pieces
 
-def check_launch(cfg: DictConfig) -> distributed.Context:
-    """Validate the config and the process layout; join torchrun's process group if there is one."""
-    validate(cfg)
-    ctx = distributed.init()
-    if cfg.batch_size < ctx.world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; it must be at least "
-                          f"the number of processes ({ctx.world_size})")
-    if ctx.distributed and cfg.dataset.name != "imagenet" and str(cfg.dataset.loader) != "device":
-        # The device path and ImageNet's loader shard each global batch; the CIFAR DataLoader path does not.
-        raise ConfigError("torchrun runs use dataset.loader=device for cifar10, cifar100, svhn and digits "
-                          "(dataset.loader=dataloader does not shard its batches across processes)")
-    return ctx
-
-
 @torch.inference_mode()
-def evaluate(model, batches, rt: Runtime, ctx: distributed.Context = distributed.SINGLE) -> tuple[float, float]:
+def evaluate(model, batches, rt: Runtime, ctx: Context = SINGLE) -> tuple[float, float]:
     """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l).
 
     Distributed: `batches` is this rank's slice of the split; every rank evaluates rank 0's
@@ -343,9 +318,9 @@ def epoch_record(cfg: DictConfig, e: int, step: int, lr: float, stats: EpochStat
     return record
 
 
-def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Runtime, ctx: distributed.Context,
+def run_results(cfg: DictConfig, state: TrainState, evaluator: Evaluator, rt: Runtime, ctx: Context,
                 expected_depth: float, wall_time_s: float, speed: str) -> dict:
-    """results.json (its keys: sdrun.results.KEYS)."""
+    """results.json (its keys: sdrun.rundir.KEYS)."""
     best, record = evaluator.best, state.last_record
     return {
         "status": FINISHED,

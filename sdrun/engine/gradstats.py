@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from sdrun.models import first_conv
+from sdrun.model.resnet import first_conv
 
 
 class GradStats:

@@ -3,7 +3,7 @@
 A launch-bound job (ResNet-110 on 32x32 images: ~800 small kernels per step) leaves most of
 a large GPU idle, so several jobs of a sweep can share it (hydra/launcher=parallel
 hydra.launcher.jobs_per_gpu=K). This measures what sharing buys: for each K, K real
-processes each train the bench's bare step (sdrun.bench.Stepper: model, SGD, gates, one
+processes each train the bench's bare step (sdrun.tools.bench.Stepper: model, SGD, gates, one
 pre-made batch), warm up (cuDNN autotuning, compile/graph captures), wait at a barrier,
 then all train for the same wall-clock window. Each reports the images it trained and the
 seconds it took (device-synchronised); the aggregate is the sum of their rates.
@@ -31,7 +31,7 @@ class ConcurrentFailure(RuntimeError):
 def _worker(settings: dict, barrier, results, index: int) -> None:
     import torch
 
-    from sdrun.bench import Stepper, runtime, sync
+    from sdrun.tools.bench import Stepper, runtime, sync
 
     try:
         torch.set_num_threads(settings["threads"])
@@ -61,7 +61,7 @@ def _worker(settings: dict, barrier, results, index: int) -> None:
 def measure(k: int, settings: dict, device_type: str) -> dict:
     ctx = multiprocessing.get_context("spawn" if device_type == "cuda" else "fork")
     if device_type != "cuda":
-        import sdrun.bench  # noqa: F401 (imported once here, inherited by the forked processes)
+        import sdrun.tools.bench  # noqa: F401 (imported once here, inherited by the forked processes)
     barrier = ctx.Barrier(k)
     results = ctx.Queue()
     per = dict(settings, threads=max(1, settings["cores"] // k))

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from sdrun.config import RUNTIME_ONLY, flatten
 from sdrun.errors import UserError
-from sdrun.results import FINISHED, HEADLINE, RESULTS
+from sdrun.rundir import FINISHED, HEADLINE, RESULTS
 
 # results.json keys the tables and figures read; a finished run without them is corrupt.
 REQUIRED_KEYS = ("dataset", "depth", "pL", "survival", "seed", "epochs", "num_blocks",

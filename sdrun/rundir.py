@@ -1,7 +1,7 @@
 """`results.json`: a finished run's headline numbers, and the one place that defines its keys.
 
-Written once, atomically, when a run ends (sdrun.train); read by `sdrun table`, `sdrun plot`
-(sdrun.collect) and the run-directory checks (sdrun.runs). Errors are in percent, times in
+Written once, atomically, when a run ends (sdrun.engine.loop); read by `sdrun table`, `sdrun plot`
+(sdrun.report.collect) and the run-directory checks (sdrun.launch.runs). Errors are in percent, times in
 seconds. Imports nothing heavy, so readers on a login node stay fast.
 """
 
@@ -44,8 +44,8 @@ TOP5_KEYS = ("test_top5_error_at_best_val_pct", "final_test_top5_error_pct")
 # these; tests/test_resume.py fails when a timing field is missing here or a listed one no
 # longer varies. evals.jsonl has none.
 WALL_CLOCK_KEYS = frozenset({
-    "epoch_train_time_s", "images_per_s",                   # metrics.jsonl, per epoch (sdrun.train)
-    "elapsed_s", "eta_s",                                   # metrics.jsonl, per epoch (sdrun.eta)
+    "epoch_train_time_s", "images_per_s",                   # metrics.jsonl, per epoch (sdrun.engine.loop)
+    "elapsed_s", "eta_s",                                   # metrics.jsonl, per epoch (sdrun.engine.clock)
     "train_time_s", "train_time_per_epoch_s", "wall_time_s",  # results.json
 })
 

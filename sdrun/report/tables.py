@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from sdrun import paper
+from sdrun.report import paper
 from sdrun.errors import ArgParser
-from sdrun.results import HEADLINE
-from sdrun.collect import Group, RunsError, cohorts, load_groups
+from sdrun.rundir import HEADLINE
+from sdrun.report.collect import Group, RunsError, cohorts, load_groups
 
 TABLE1_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n", "seeds",
                  "test_error_pct_mean", "test_error_pct_std", "paper_test_error_pct", "diff_vs_paper_pct"]

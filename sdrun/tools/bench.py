@@ -6,19 +6,19 @@ Sections (--sections, all by default; `compile` only on CUDA unless asked for):
             over repeats, their ratio beside the expected residual compute sum(p_l)/L (0.746
             for L = 54) and beside the fraction of blocks the timed steps actually ran.
   layout    the same step in channels_last vs contiguous memory (decides the trainer's `auto`).
-  overhead  images/s of real `sdrun.train.train` epochs (data path, augmentation, statistics,
+  overhead  images/s of real `sdrun.launch.app.train` epochs (data path, augmentation, statistics,
             logging; on the embedded digits, CIFAR-shaped) vs a bare forward/backward loop over
             pre-made tensors with the same model, gates and device; plus the per-epoch
             checkpoint write, as a fraction of a full CIFAR epoch.
-  eval      test-time (every block, branch x p_l) images/s through sdrun.train.evaluate.
+  eval      test-time (every block, branch x p_l) images/s through sdrun.engine.loop.evaluate.
   compile   eager vs per-branch torch.compile, p_L = 1.0 and 0.5: images/s and the projected
             time of the paper's 500 CIFAR epochs (45k images each, training only).
   deep      `sd` and `eval` for ResNet-1202 with fewer steps.
 Asked for by option (then only these, unless --sections is given too):
   --speed eager,compile,graphs   each speed= mode at p_L 1.0 and 0.5: step time, images/s,
-            the projected 500 CIFAR epochs, the SD/constant step ratio (sdrun.speed).
+            the projected 500 CIFAR epochs, the SD/constant step ratio (sdrun.engine.speed).
   --concurrent 1,2,4,8           aggregate images/s of K concurrent training processes on the
-            device, a fixed timed window after a common start (sdrun.bench_concurrent).
+            device, a fixed timed window after a common start (sdrun.tools.bench_concurrent).
 Peak memory: CUDA max_memory_allocated per measurement; on the CPU the process's peak RSS
 (monotone over the run, so only an upper bound for the later sections).
 """
@@ -41,20 +41,22 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sdrun.bench_concurrent import ConcurrentFailure, run_concurrent
+from sdrun.tools.bench_concurrent import ConcurrentFailure, run_concurrent
 from sdrun.config import ConfigError, OptimConfig, Toggle, register_configs
-from sdrun.data import Normalizer, Split, eval_batches
+from sdrun.data.batches import Normalizer, eval_batches
+from sdrun.data.readers import Split
 from sdrun.errors import ArgParser
 from sdrun.files import save_checkpoint
-from sdrun.gradstats import GradStats
-from sdrun.models import build_model
-from sdrun.optim import make_optimizer
+from sdrun.engine.gradstats import GradStats
+from sdrun.model.resnet import build_model
+from sdrun.engine.optim import make_optimizer
 from sdrun.rng import derive_seed, seed_global
-from sdrun.runtime import device_info, resolve_runtime, software_versions
-from sdrun.runtime import synchronize as sync
-from sdrun.speed import apply_speed
-from sdrun.stochastic import GateSampler, expected_active_blocks, survival_probs
-from sdrun.train import evaluate, train, train_step
+from sdrun.engine.runtime import device_info, resolve_runtime, software_versions
+from sdrun.engine.runtime import synchronize as sync
+from sdrun.engine.speed import apply_speed
+from sdrun.model.stochastic import GateSampler, expected_active_blocks, survival_probs
+from sdrun.engine.loop import evaluate, train_step
+from sdrun.launch.app import train
 
 CIFAR_TRAIN_IMAGES = 45_000
 PAPER_EPOCHS = 500
@@ -94,7 +96,7 @@ class Stepper:
         self.rt = rt
         fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
         self.model = build_model("cifar_resnet", depth, 10, p_last, "linear").to(rt.device, memory_format=fmt)
-        apply_speed(self.model, speed, rt.device)  # eager | compile | graphs (sdrun.speed)
+        apply_speed(self.model, speed, rt.device)  # eager | compile | graphs (sdrun.engine.speed)
         self.optimizer = make_optimizer(self.model, OmegaConf.structured(OptimConfig))  # the paper's SGD
         self.grad_stats = GradStats(self.model)
         self.gates = GateSampler(self.model.survival_probs, derive_seed(seed, "gates"))
@@ -187,7 +189,7 @@ def bench_eval(depth: int, rt, a) -> dict:
 
 
 def bench_overhead(rt, a) -> dict:
-    """Real sdrun.train epochs vs the bare step loop over the same gates on pre-made batches."""
+    """Real sdrun.engine.loop epochs vs the bare step loop over the same gates on pre-made batches."""
     register_configs()
     steps = a.trainer_steps
     overrides = ["dataset=digits", f"depth={a.depth}", f"batch_size={a.batch_size}", "epochs=2",
@@ -416,7 +418,7 @@ def run_bench(argv: list[str]) -> int:
                   f"(channels_last speed-up x{r['speedup_channels_last']:.3f})", flush=True)
         elif section == "overhead":
             r = results["overhead"] = bench_overhead(rt, a)
-            print(f"overhead ResNet-{a.depth}: sdrun.train {r['trainer_images_per_s']:.1f} img/s vs bare loop "
+            print(f"overhead ResNet-{a.depth}: sdrun.engine.loop {r['trainer_images_per_s']:.1f} img/s vs bare loop "
                   f"{r['bare_images_per_s']:.1f} img/s: overhead {100 * r['overhead_fraction']:.1f} %; "
                   f"checkpoint {r['checkpoint_write_s']:.2f} s = {100 * r['checkpoint_fraction_of_cifar_epoch']:.3f} % "
                   f"of a CIFAR epoch", flush=True)
@@ -449,7 +451,7 @@ def run_bench(argv: list[str]) -> int:
 
 def speed_problem(a, rt) -> str | None:
     """A speed mode this device cannot run (graphs on the CPU), found before anything runs."""
-    from sdrun.speed import resolve_speed
+    from sdrun.engine.speed import resolve_speed
 
     try:
         for mode in (a.speed.split(",") if a.speed else []) + ([a.concurrent_speed] if a.concurrent else []):

@@ -1,10 +1,10 @@
 """A run's data as the trainer uses it (`build_run_data`), and the DataLoader path.
 
 `build_run_data` reads the dataset, fits the normaliser, and makes the training batch
-source and the evaluation passes, for every dataset (ImageNet through sdrun.imagenet).
+source and the evaluation passes, for every dataset (ImageNet through sdrun.data.imagenet).
 For the small-image datasets (CIFAR, SVHN, digits) there are two training paths:
 
-`dataset.loader=device` (default): `sdrun.data.TrainBatches`, the whole uint8 split on the
+`dataset.loader=device` (default): `sdrun.data.batches.TrainBatches`, the whole uint8 split on the
 training device, batches normalised, translated and flipped there with batched tensor ops.
 
 `dataset.loader=dataloader`: a `torch.utils.data.DataLoader` over the uint8 split in host
@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sdrun import distributed
-from sdrun.data import (Normalizer, RunData, Split, TrainBatches, eval_batches, fit_normalizer, load_image_data,
-                        steps_per_epoch)
+from sdrun.engine import distributed
+from sdrun.data.batches import Normalizer, RunData, TrainBatches, eval_batches, fit_normalizer, steps_per_epoch
+from sdrun.data.readers import Split, load_image_data
 from sdrun.rng import cpu_generator
+from sdrun.ranks import Context, SINGLE, shard
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
@@ -149,15 +150,15 @@ def make_train_batches(cfg, split: Split, normalizer: Normalizer, device: torch.
 
 
 def build_run_data(cfg, device: torch.device, channels_last: bool,
-                   ctx: distributed.Context = distributed.SINGLE) -> RunData:
+                   ctx: Context = SINGLE) -> RunData:
     """The data of a run: uint8 on the device, normalised and augmented per batch there (or,
     with dataset.loader=dataloader, a DataLoader with torchvision transforms); ImageNet is
-    decoded from JPEGs per batch by DataLoader workers instead (sdrun.imagenet).
+    decoded from JPEGs per batch by DataLoader workers instead (sdrun.data.imagenet).
 
     Distributed (ctx): every rank makes the same global batches and keeps its slice; the
     evaluation splits are sharded (each rank counts its part; the counts are summed)."""
     if cfg.dataset.name == "imagenet":
-        from sdrun.imagenet import load_imagenet
+        from sdrun.data.imagenet import load_imagenet
         return load_imagenet(cfg, device, channels_last, ctx)
     data = load_image_data(cfg.dataset, cfg.seed)
     normalizer = fit_normalizer(data.train.images, cfg.dataset)  # std_rule, normalization; logged
@@ -167,7 +168,7 @@ def build_run_data(cfg, device: torch.device, channels_last: bool,
     def passes(split: Split | None):  # a fresh pass over an evaluation split on each call
         if split is None:
             return None
-        part = split.part(distributed.shard(len(split), ctx)).to(device)
+        part = split.part(shard(len(split), ctx)).to(device)
         return lambda: eval_batches(part, normalizer, cfg.eval_batch_size, channels_last)
 
     return RunData(data.train, data.val, data.test, data.classes, normalizer, train_batches,
