@@ -1,4 +1,4 @@
-"""The config schema: typed dataclasses registered with Hydra's ConfigStore, plus range checks.
+"""The config schema: typed dataclasses (registered with Hydra by sdrun.launch.compose), plus range checks.
 
 OmegaConf enforces the types (and the enums' allowed values) while Hydra composes the
 config; `validate` checks ranges and cross-field rules before anything is built. The YAML
@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sdrun.errors import UserError
@@ -232,27 +231,12 @@ class TrainConfig:
     check: bool = False
 
 
-def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
 # Depths of the ImageNet ResNets (He et al. 2016, Table 1); see sdrun.model.resnet.IMAGENET_LAYOUTS.
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 
 
 def _is_cifar_depth(depth: int) -> bool:
     return depth >= 8 and (depth - 2) % 6 == 0
-
-
-def device_problem(device: str) -> str | None:
-    """Why `device` cannot be used here, or None."""
-    if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
-        return f"device={device!r} must be auto, cpu, cuda or cuda:N"
-    if str(device).startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            return f"device={device} but CUDA is not available here (use device=cpu or auto)"
-    return None
 
 
 def validate(cfg: DictConfig | Any) -> None:
@@ -297,8 +281,6 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append(f"dataset.translate={cfg.dataset.translate} must be >= 0")
     if cfg.dataset.color_jitter < 0 or cfg.dataset.lighting < 0:
         problems.append("dataset.color_jitter and dataset.lighting must be >= 0 (0 = off)")
-    if device_problem(cfg.device):
-        problems.append(device_problem(cfg.device))
     if cfg.speed == Speed.graphs and cfg.device == "cpu":
         problems.append("speed=graphs needs a CUDA device (it captures CUDA graphs); use speed=eager or compile on the CPU")
     if problems:

@@ -6,7 +6,6 @@ Write to a temporary file in the same directory, fsync it, then rename over the 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -59,23 +58,6 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def write_json(path: str | Path, data: Any) -> None:
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    import torch  # here, not at the top: the run-directory checks import this module (sdrun.engine.state)
-
-    # Serialise in memory first: torch.save on a failing file reports a disk error as an
-    # opaque RuntimeError from its zip writer; writing the bytes ourselves keeps the OSError.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load with weights_only=True: tensors and plain containers only, never pickled code."""
-    import torch
-
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -100,13 +100,9 @@ def sdrun_main(*args: str, cwd: Path) -> Result:
 
 def compose_cfg(*overrides: str) -> DictConfig:
     """The config `sdrun train OVERRIDES` would run, composed by Hydra's compose API."""
-    from hydra import compose, initialize_config_module
+    from sdrun.launch.compose import compose
 
-    from sdrun.config import register_configs
-
-    register_configs()
-    with initialize_config_module("sdrun.conf", version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose(*overrides)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from matplotlib.image import imread
 from sdrun import cli
 from sdrun.tools.analyze import (SubnetworkEvaluator, analyze_run, doubling, load_trained_run, monte_carlo_ensemble,
                            own_bn_statistics)
-from sdrun.files import load_checkpoint, save_checkpoint
+from sdrun.engine.state import load_checkpoint, save_checkpoint
 from sdrun.model.stochastic import GateSampler
 from tests.conftest import TINY, sdrun_main, train_in_process, write_cifar_pickles
 

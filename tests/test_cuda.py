@@ -209,7 +209,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
     train_run(tmp_path / "whole", *settings)
 
     # SIGTERM (what a scheduler's preemption sends) right after the first checkpoint write.
-    real_save, writes = sdrun.files.save_checkpoint, [0]
+    real_save, writes = sdrun.engine.state.save_checkpoint, [0]
 
     def save_then_term(path, state):
         real_save(path, state)
@@ -227,7 +227,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run(tmp_path,
     def outcome(d: Path):
         rows = [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in read_jsonl(d / "metrics.jsonl")]
         res = {k: v for k, v in json.loads((d / "results.json").read_text()).items() if k not in WALL_CLOCK_KEYS}
-        weights = sdrun.files.load_checkpoint(d / "checkpoint.pt")["model"]
+        weights = sdrun.engine.state.load_checkpoint(d / "checkpoint.pt")["model"]
         return rows, res, weights
 
     (rows_a, res_a, w_a), (rows_b, res_b, w_b) = outcome(tmp_path / "whole"), outcome(tmp_path / "cut")

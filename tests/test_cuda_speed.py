@@ -180,7 +180,7 @@ def test_trainer_with_graphs_matches_eager(tmp_path):
 
     from hydra import compose, initialize_config_module
 
-    from sdrun.config import register_configs
+    from sdrun.launch.compose import register_configs
     from sdrun.launch.app import train
 
     register_configs()

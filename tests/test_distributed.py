@@ -142,7 +142,7 @@ def test_evaluation_errors_are_the_checkpointed_models_in_one_process(runs):
     """The sharded val/test errors, summed over ranks, are the final model's errors on the
     whole splits, as one process measures them (rank 0's part alone gives other numbers)."""
     from sdrun.ranks import Context
-    from sdrun.files import load_checkpoint
+    from sdrun.engine.state import load_checkpoint
 
     state = load_checkpoint(runs / "ddp" / "run" / "checkpoint.pt")["model"]
     whole, rank0 = one_process_errors(state), one_process_errors(state, Context(0, 2))

@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from torch import nn
 
 from sdrun import fidelity
 from sdrun.report.collect import find_runs, group_runs
-from sdrun.config import register_configs, validate
+from sdrun.config import validate
+from sdrun.launch.compose import compose
 from sdrun.data.batches import Normalizer
 from sdrun.engine.evaluate import Evaluator
 from sdrun.data.imagenet import PCA_EIGVAL, PCA_EIGVEC, ColorAugment, color_jitter, lighting
@@ -26,9 +26,7 @@ from tests.run_fixtures import write_run
 
 
 def composed(*overrides: str):
-    register_configs()
-    with initialize_config_module("sdrun.conf", version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides))
+    cfg = compose(*overrides)
     validate(cfg)
     return cfg
 

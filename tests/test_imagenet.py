@@ -15,7 +15,7 @@ from sdrun.data.readers import DataError
 from sdrun.ranks import SINGLE, Context
 from sdrun.data.imagenet import load_imagenet
 from sdrun.tools import analyze
-from sdrun.files import load_checkpoint
+from sdrun.engine.state import load_checkpoint
 from sdrun.model.resnet import ImageNetResNet, build_model
 from sdrun.model.stochastic import survival_probs
 from sdrun.engine.schedule import lr_at

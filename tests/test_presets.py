@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from sdrun.config import register_configs, validate
+from sdrun.config import validate
+from sdrun.launch.compose import register_configs
 from tests.conftest import sdrun_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdrun.files import OutputError, atomic_write, load_checkpoint
+from sdrun.engine.state import load_checkpoint
+from sdrun.files import OutputError, atomic_write
 from sdrun.rundir import WALL_CLOCK_KEYS
 from tests.conftest import SDRUN, read_jsonl, sdrun_main
 

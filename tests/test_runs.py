@@ -5,7 +5,7 @@ import json
 import pytest
 
 from sdrun.config import to_plain
-from sdrun.files import save_checkpoint
+from sdrun.engine.state import save_checkpoint
 from sdrun.launch.runs import AlreadyFinished, CheckpointError, check_run_dir
 from tests.conftest import compose_cfg
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sdrun.report.tables import status
+from sdrun.report import status
 from tests.conftest import SDRUN, read_jsonl
 
 # Job 0 trains; job 1's absurd lr makes the loss non-finite (a failed job); job 2 is killed

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from sdrun.engine import distributed
 from sdrun.data.batches import Normalizer, RunData, TrainBatches, eval_batches, fit_normalizer, steps_per_epoch
 from sdrun.data.readers import Split, load_image_data
 from sdrun.rng import cpu_generator

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from sdrun.config import ConfigError, Toggle, device_problem
+from sdrun.config import ConfigError, Toggle
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -42,6 +42,16 @@ class Runtime:
     @property
     def bf16(self) -> bool:
         return self.precision == "bf16"
+
+
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot be used here, or None."""
+    if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
+        return f"device={device!r} must be auto, cpu, cuda or cuda:N"
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            return f"device={device} but CUDA is not available here (use device=cpu or auto)"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -148,14 +158,14 @@ def autocast(rt: Runtime, eval: bool = False):
 def software_versions() -> dict:
     # (torchvision's import is cheap by now: the optimiser has imported torch._dynamo, which is
     # most of it; its __version__ carries the build's CUDA tag, which its package metadata lacks)
-    import hydra
-    import omegaconf
+    import importlib.metadata
+
     import torchvision
 
     from sdrun import __version__
     return {"sdrun": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "hydra": hydra.__version__,
-            "omegaconf": omegaconf.__version__, "cuda": torch.version.cuda,
+            "torchvision": torchvision.__version__, "hydra": importlib.metadata.version("hydra-core"),
+            "omegaconf": importlib.metadata.version("omegaconf"), "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "platform": platform.platform()}
 

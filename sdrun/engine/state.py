@@ -12,6 +12,7 @@ the run-directory checks.
 from __future__ import annotations
 
 import pickle
+import io
 import random
 import zipfile
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sdrun.errors import UserError
-from sdrun.files import load_checkpoint, save_checkpoint
+from sdrun.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,23 @@ if TYPE_CHECKING:
 # `sdrun train` with a bad setting should answer before torch's import (seconds) is paid.
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    import torch
+
+    # Serialise in memory first: torch.save on a failing file reports a disk error as an
+    # opaque RuntimeError from its zip writer; writing the bytes ourselves keeps the OSError.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load with weights_only=True: tensors and plain containers only, never pickled code."""
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 class CheckpointError(UserError, RuntimeError):

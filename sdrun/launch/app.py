@@ -54,7 +54,7 @@ def check_launch(cfg: DictConfig) -> Context:
 def _hydra_train() -> None:
     import hydra
 
-    from sdrun.config import register_configs
+    from sdrun.launch.compose import register_configs
     from sdrun.launch.launchers import register_resolvers
 
     register_configs()

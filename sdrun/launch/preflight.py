@@ -28,8 +28,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdrun.config import ConfigError, flatten, to_plain, validate
 from sdrun.errors import UserError, one_line, print_error
+from sdrun.launch.sweeps import BASIC_SWEEPER, expand_sweep
 
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 WARMUP_STEPS = 3   # excluded from the timing: allocator, cuDNN autotuning, lazy initialisation
 TIMED_STEPS = 10
 
@@ -53,24 +53,18 @@ class Job:
 def sweep_jobs(config: DictConfig) -> list[Job] | None:
     """Every job of the sweep `config` (the multirun's master config), composed; None when
     the sweeper is not Hydra's basic one (its jobs cannot be known in advance)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweeper = config.hydra.sweeper
     if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
     loader = GlobalHydra.instance().config_loader()
-    # What BasicSweeper.sweep does before it launches: preset params first, then the command line.
-    arguments = BasicSweeper(max_batch_size=None, params=sweeper.get("params") or {})._parse_config()
-    arguments += OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-    parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
-    batches = BasicSweeper.split_arguments(parsed, None)
-
+    overrides_per_job = expand_sweep(sweeper.get("params"), OmegaConf.to_container(config.hydra.overrides.task,
+                                                                                  resolve=False), loader)
     jobs, previous = [], HydraConfig.instance().cfg
     try:
-        for num, overrides in enumerate(batches[0]):
+        for num, overrides in enumerate(overrides_per_job):
             job = Job(num, [o for o in overrides if not o.startswith("hydra.")])
             jobs.append(job)
             try:
@@ -97,13 +91,17 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
     """Why this job would fail before training, or None. `device_here=False` for launchers
     that run the job on another machine (SLURM): its device is not checked here."""
     try:
-        validate(cfg if device_here else _with(cfg, device="cpu"))
+        validate(cfg)
     except ConfigError as e:
         return str(e)
-    # Imported after the range checks: sdrun.data imports torch (seconds), which a sweep with
-    # a bad value should not wait for.
+    # Imported after the range checks: torch takes seconds to import, which a sweep with a bad
+    # value should not wait for.
     from sdrun.data.readers import find_data
+    from sdrun.engine.runtime import device_problem
     from sdrun.launch.runs import AlreadyFinished, check_run_dir
+
+    if device_here and device_problem(cfg.device):
+        return device_problem(cfg.device)
 
     ds = cfg.dataset
     key = (ds.name, ds.root, str(ds.format), ds.download)
@@ -120,14 +118,6 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
         except Exception as e:  # another config's checkpoint, an unreadable one
             return one_line(e)
     return None
-
-
-def _with(cfg: DictConfig, **values) -> DictConfig:
-    out = cfg.copy()
-    with open_dict(out):
-        for k, v in values.items():
-            out[k] = v
-    return out
 
 
 def runs_elsewhere(launcher: DictConfig) -> bool:

@@ -27,6 +27,7 @@ from sdrun.report.collect import read_metrics
 from sdrun.errors import ArgParser, UserError
 from sdrun.engine.clock import hms
 from sdrun.liveness import HEARTBEAT, LOCK, is_running
+from sdrun.launch.sweeps import expand_sweep
 
 STATES = ("finished", "running", "interrupted", "failed", "not started")
 RECENT = 5  # epochs averaged for the seconds per epoch of a run that does not log elapsed_s
@@ -147,14 +148,10 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
             return None  # another sweeper (optuna, ...) decides its jobs as it goes
     except (TypeError, KeyError, AttributeError):
         return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     try:
-        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
-        batches = BasicSweeper.split_arguments(parsed, None)
+        return expand_sweep(params, task)
     except Exception:  # a sweep syntax this reader does not expand: show the jobs that exist
         return None
-    return [job for batch in batches for job in batch]
 
 
 def _job_number(path: Path) -> int | None:

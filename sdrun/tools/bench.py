@@ -38,15 +38,15 @@ import warnings
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sdrun.tools.bench_concurrent import ConcurrentFailure, run_concurrent
-from sdrun.config import ConfigError, OptimConfig, Toggle, register_configs
+from sdrun.config import ConfigError, OptimConfig, Toggle
+from sdrun.launch.compose import compose
 from sdrun.data.batches import Normalizer, eval_batches
 from sdrun.data.readers import Split
 from sdrun.errors import ArgParser
-from sdrun.files import save_checkpoint
+from sdrun.engine.state import save_checkpoint
 from sdrun.engine.gradstats import GradStats
 from sdrun.model.resnet import build_model
 from sdrun.engine.optim import make_optimizer
@@ -190,13 +190,11 @@ def bench_eval(depth: int, rt, a) -> dict:
 
 def bench_overhead(rt, a) -> dict:
     """Real sdrun.engine.loop epochs vs the bare step loop over the same gates on pre-made batches."""
-    register_configs()
     steps = a.trainer_steps
     overrides = ["dataset=digits", f"depth={a.depth}", f"batch_size={a.batch_size}", "epochs=2",
                  f"max_steps_per_epoch={steps}", "checkpoint=true", f"device={rt.device}",
                  f"channels_last={'on' if rt.channels_last else 'off'}", f"precision={rt.precision}"]
-    with initialize_config_module(config_module="sdrun.conf", version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose(*overrides)
     trainer_ips, bare_ips, syncs = [], [], []
     bare = Stepper(a.depth, cfg.pL, rt, a.batch_size, seed=cfg.seed)
     g = torch.Generator().manual_seed(1)
