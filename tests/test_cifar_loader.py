@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 
-from sdrun.data.build import DataLoaderBatches, make_train_batches
+from sdrun.data.build import make_train_batches
+from sdrun.data.loader import DataLoaderBatches
 from sdrun.data.batches import Normalizer, TrainBatches, translate_and_flip
 from sdrun.data.readers import Split
 from tests.conftest import TINY, train_in_process

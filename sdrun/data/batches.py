@@ -27,7 +27,7 @@ class TrainBatchSource(Protocol):
     """One epoch of training batches per iteration, restorable at epoch boundaries.
 
     Three implementations: `TrainBatches` (uint8 split on the device, batched augmentation),
-    `sdrun.data.build.DataLoaderBatches` (torchvision transforms per image) and
+    `sdrun.data.loader.DataLoaderBatches` (torchvision transforms per image) and
     `sdrun.data.imagenet.LoaderBatches` (JPEGs decoded by DataLoader workers).
     """
 

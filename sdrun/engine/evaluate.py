@@ -19,35 +19,62 @@ epoch the test set is only evaluated when the validation error is a new best: th
 only test number the protocol uses, and it spares evaluating SVHN's 26k test images every
 200 steps.
 
-Step evaluations (epoch ends included) go to `evals.jsonl`, one line each, and to
-TensorBoard under `error_by_step/*` with the global step as x-axis, in the run's `by_step/`
-event file (its own file so that a resumed run can purge it by step while the per-epoch
-curves are purged by epoch); `metrics.jsonl` stays one line per epoch.
+With eval_every_steps, every evaluation's record (epoch ends included) goes to `evals.jsonl`
+and to TensorBoard's `error_by_step/*` (sdrun.engine.log); `metrics.jsonl` stays one line per
+epoch.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Callable
 
-from sdrun.files import append_jsonl
+import torch
+
+from sdrun.engine import distributed
+from sdrun.engine.runtime import Runtime, autocast
+from sdrun.ranks import SINGLE, Context
+
+
+@torch.inference_mode()
+def evaluate(model, batches, rt: Runtime, ctx: Context = SINGLE) -> tuple[float, float]:
+    """Top-1 and top-5 error (%) of the test-time network (every branch scaled by p_l).
+
+    Distributed: `batches` is this rank's slice of the split; every rank evaluates rank 0's
+    model (its BatchNorm statistics are the checkpointed ones) and the counts are summed.
+    """
+    distributed.broadcast_buffers(model, ctx)
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.int64, device=rt.device)  # top-1 wrong, top-5 wrong, seen
+    for x, y in batches:
+        with autocast(rt, eval=True):
+            out = model(x)
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        counts[0] += (top[:, 0] != y).sum()
+        counts[1] += (top != y[:, None]).all(1).sum()
+        counts[2] += len(y)
+    wrong1, wrong5, count = distributed.sum_(counts, ctx).tolist()
+    return 100.0 * wrong1 / max(count, 1), 100.0 * wrong5 / max(count, 1)
 
 
 class Evaluator:
-    """Runs the evaluations of one run and keeps the selected one in `best` (checkpointed)."""
+    """Runs the evaluations of one run and keeps the selected one in `best`.
+
+    `best` is the run's own dict (TrainState.best, checkpointed), updated in place, so the
+    selection lives in one place. Evaluations return their record; writing it is the caller's
+    (sdrun.engine.log.RunLog)."""
 
     def __init__(self, error_of: Callable[[str], tuple[float, float]], has_val: bool,
-                 every_steps: int | None, top5: bool, run_dir: Path, sync: Callable[[], None],
-                 write: bool = True, select_from: str = "steps_and_epochs"):
+                 every_steps: int | None, top5: bool, sync: Callable[[], None],
+                 select_from: str = "steps_and_epochs", best: dict | None = None):
         self.error_of = error_of  # "val" | "test" -> (top-1 error %, top-5 error %)
         self.has_val, self.every_steps, self.top5 = has_val, every_steps, top5
-        self.path = Path(run_dir) / "evals.jsonl"
-        self.writer = None  # a SummaryWriter for the step-axis curves, set when every_steps is
-        self.sync, self.write = sync, write  # write: this process writes evals.jsonl (rank 0)
-        self.best = {"val_error_pct": math.inf if has_val else None, "epoch": None, "step": None,
-                     "test_error_pct": None, "test_top5_error_pct": None}
+        self.sync = sync
+        self.best = {} if best is None else best
+        if not self.best:  # a new run: nothing selected yet
+            self.best.update({"val_error_pct": math.inf if has_val else None, "epoch": None, "step": None,
+                              "test_error_pct": None, "test_top5_error_pct": None})
         self.seconds = 0.0  # wall time spent evaluating, so the caller can leave it out of training time
         self.epochs_compete = str(select_from) == "steps_and_epochs"
 
@@ -72,18 +99,12 @@ class Evaluator:
         new_best = val[0] is None or (val[0] < self.best["val_error_pct"] and self.is_candidate(step, epoch_end))
         test = self.error_of("test") if new_best or epoch_end else (None, None)
         if new_best:
-            self.best = {"val_error_pct": val[0], "epoch": epoch, "step": step,
-                         "test_error_pct": test[0], "test_top5_error_pct": test[1] if self.top5 else None}
+            self.best.update({"val_error_pct": val[0], "epoch": epoch, "step": step,
+                              "test_error_pct": test[0], "test_top5_error_pct": test[1] if self.top5 else None})
         self.seconds += time.perf_counter() - t0
 
         record = {"step": step, "epoch": epoch, "val_error_pct": val[0], "test_error_pct": test[0]}
         if self.top5:
             record.update(val_top5_error_pct=val[1], test_top5_error_pct=test[1])
         record["best_val_error_pct"] = self.best["val_error_pct"]
-        if self.every_steps is not None and self.write:
-            append_jsonl(self.path, record)
-            for key, tag in (("val_error_pct", "val"), ("test_error_pct", "test"),
-                             ("val_top5_error_pct", "val_top5"), ("test_top5_error_pct", "test_top5")):
-                if record.get(key) is not None:
-                    self.writer.add_scalar(f"error_by_step/{tag}", record[key], step)
         return record

@@ -1,7 +1,7 @@
 """A run's TensorBoard output: the per-epoch scalars, and beyond them gradients per block,
 active depth, learning-rate drops, a custom-scalars layout and the HParams entries.
 
-Per-epoch scalars (`log_epoch`): loss/train, error/{train,val,test}[_top5], lr,
+Per-epoch scalars (`RunBoard.epoch`): loss/train, error/{train,val,test}[_top5], lr,
 time/epoch_train_s, throughput/train_images_per_s, depth/active_blocks_{mean,expected}.
 
 Tags (one point per epoch, step = epoch):
@@ -133,20 +133,19 @@ def custom_scalars_layout() -> dict:
 
 
 class RunBoard:
-    """Writes the extras above into a run's SummaryWriter."""
+    """A run's TensorBoard event files: the per-epoch one in the run directory and, with
+    eval_every_steps, the step-axis one in by_step/ (its own file, so a resumed run can purge it
+    by step while the per-epoch curves are purged by epoch)."""
 
     @classmethod
-    def open(cls, cfg: DictConfig, run_dir, num_blocks: int, start_epoch: int, start_step: int,
-             evaluator=None) -> "RunBoard":
-        """The run's event file (and, with eval_every_steps, the step-axis one in by_step/ that
-        `evaluator` writes to). purge_step hides points that a killed attempt logged after the
-        checkpoint it resumes from: by epoch here, by step in by_step/."""
+    def open(cls, cfg: DictConfig, run_dir, num_blocks: int, start_epoch: int, start_step: int) -> "RunBoard":
+        """purge_step hides points that a killed attempt logged after the checkpoint it resumes
+        from: by epoch here, by step in by_step/."""
         writer = SummaryWriter(str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
-        if cfg.eval_every_steps and evaluator is not None:
-            evaluator.writer = SummaryWriter(str(Path(run_dir) / "by_step"),
-                                             purge_step=start_step + 1 if start_step else None)
         board = cls(writer, num_blocks, cfg.log.grad_histograms_every)
-        board.step_writer = evaluator.writer if evaluator is not None else None
+        if cfg.eval_every_steps:
+            board.step_writer = SummaryWriter(str(Path(run_dir) / "by_step"),
+                                              purge_step=start_step + 1 if start_step else None)
         board.start(cfg)
         return board
 
@@ -162,6 +161,30 @@ class RunBoard:
         self.num_blocks = num_blocks
         self.grad_histograms_every = grad_histograms_every
         self.described: set[str] = set()
+
+    def epoch(self, record: dict, expected_depth: float, grad_stats: GradStats | None = None) -> None:
+        """An epoch's metrics.jsonl record: its scalars and the extras, then a flush."""
+        e = record["epoch"]
+        scalars = {"loss/train": record["train_loss"], "error/train": record["train_error_pct"],
+                   "error/val": record["val_error_pct"], "error/test": record["test_error_pct"],
+                   "error/val_top5": record.get("val_top5_error_pct"),
+                   "error/test_top5": record.get("test_top5_error_pct"),
+                   "lr": record["lr"], "time/epoch_train_s": record["epoch_train_time_s"],
+                   "throughput/train_images_per_s": record["images_per_s"],
+                   "depth/active_blocks_mean": record["active_blocks_mean"],
+                   "depth/active_blocks_expected": expected_depth}
+        self.write_epoch(record, e, grad_stats)
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, e)
+        self.writer.flush()
+
+    def evaluation(self, record: dict) -> None:
+        """An evaluation's errors on the step axis (error_by_step/*)."""
+        for key, tag in (("val_error_pct", "val"), ("test_error_pct", "test"),
+                         ("val_top5_error_pct", "val_top5"), ("test_top5_error_pct", "test_top5")):
+            if record.get(key) is not None:
+                self.step_writer.add_scalar(f"error_by_step/{tag}", record[key], record["step"])
 
     def scalar(self, tag: str, value: float, step: int, description: str) -> None:
         """A scalar whose first point carries the tag's description (TensorBoard reads the first).
@@ -220,20 +243,3 @@ class RunBoard:
             tag=hp_metadata.SESSION_END_INFO_TAG, metadata=hp_metadata.create_summary_metadata(end_info),
             tensor=hp_metadata.NULL_TENSOR)]), step)
         self.writer.flush()
-
-
-def log_epoch(writer: SummaryWriter, record: dict, expected_depth: float) -> None:
-    """One point per epoch for each scalar; the x-axis is the 1-based epoch."""
-    e = record["epoch"]
-    scalars = {"loss/train": record["train_loss"], "error/train": record["train_error_pct"],
-               "error/val": record["val_error_pct"], "error/test": record["test_error_pct"],
-               "error/val_top5": record.get("val_top5_error_pct"),
-               "error/test_top5": record.get("test_top5_error_pct"),
-               "lr": record["lr"], "time/epoch_train_s": record["epoch_train_time_s"],
-               "throughput/train_images_per_s": record["images_per_s"],
-               "depth/active_blocks_mean": record["active_blocks_mean"],
-               "depth/active_blocks_expected": expected_depth}
-    for tag, value in scalars.items():
-        if value is not None:
-            writer.add_scalar(tag, value, e)
-    writer.flush()
