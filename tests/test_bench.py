@@ -2,8 +2,8 @@
 
 No timing threshold here (that is what the benchmark itself is for): only that it measures
 what it says, in one process, and writes it all down. Every case goes through the CLI's main()
-in this process (scripts/gpu_acceptance.sh runs the installed `sdrun bench`, and its CPU
-smoke test in tests/test_gpu_acceptance.py runs that twice).
+in this process (scripts/gpu_acceptance.sh and gpu_speed.sh run the installed `sdrun bench`,
+and their CPU smoke tests in tests/test_gpu_acceptance.py run that four times).
 """
 
 import json
@@ -105,3 +105,63 @@ def test_a_failing_concurrent_process_is_named_not_waited_for():
                 "window_s": 0.1, "chunk": 1, "barrier_timeout_s": 30, "cores": 1}
     with pytest.raises(ConcurrentFailure, match=r"concurrent K=2: ValueError: depth must be 6n\+2"):
         measure(2, settings, "cpu")
+
+
+class Killed(Exception):
+    """What a kill at that moment would end: raised from inside a running section."""
+
+
+def test_the_report_is_on_disk_after_each_section_and_each_timed_repeat(tmp_path, monkeypatch):
+    """A time limit can kill `sdrun bench` at any moment (scripts/gpu_acceptance.sh, gpu_speed.sh):
+    what it measured before must already be on disk. The run is stopped from inside (1) the
+    second section, (2) the second timed repeat of --speed; at that moment the report holds the
+    finished first section, (2) the first repeat's figures marked partial; no temp file is left."""
+    import torch
+
+    import sdrun.tools.bench
+    from sdrun.tools.bench import Stepper, run_bench
+
+    out = tmp_path / "b.json"
+    tiny = ["--device", "cpu", "--depth", "8", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+            "--compile-warmup", "1", "--threads", "1", "--eval-images", "16", "--eval-batch-size", "16",
+            "--out", str(out)]
+    seen = {}
+    real_eval = sdrun.tools.bench.bench_eval
+
+    def eval_then_kill(*args, **kwargs):
+        seen["at eval"] = json.loads(out.read_text())
+        raise Killed
+
+    monkeypatch.setattr(sdrun.tools.bench, "bench_eval", eval_then_kill)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Killed):
+            run_bench([*tiny, "--sections", "sd,eval", "--repeats", "2"])
+        res = seen["at eval"]["results"]
+        assert set(res) == {"sd"} and "partial" not in res["sd"]
+        assert len(res["sd"]["runs"]["pL=0.5"]["step_s_all"]) == 2 and res["sd"]["ratio_sd_over_constant"] > 0
+        monkeypatch.setattr(sdrun.tools.bench, "bench_eval", real_eval)
+
+        # --speed: killed at the first step after the first timed repeat was saved.
+        real_steps = Stepper.steps
+
+        def steps_until_a_repeat_is_saved(self, n, batches=None):
+            speed = json.loads(out.read_text())["results"].get("speed", {}) if out.exists() else {}
+            if "runs" in speed:
+                seen["after repeat"] = speed
+                raise Killed
+            return real_steps(self, n, batches)
+
+        out.unlink()
+        monkeypatch.setattr(Stepper, "steps", steps_until_a_repeat_is_saved)
+        with pytest.raises(Killed):
+            run_bench([*tiny, "--speed", "eager", "--repeats", "3"])
+        speed = seen["after repeat"]
+        assert speed["partial"] == "1 of 3 timed repeats"
+        assert [len(r["step_s_all"]) for r in speed["runs"].values()] == [1, 1]
+        eager = speed["modes"]["eager"]
+        assert eager["images_per_s_pL=0.5"] > 0 and eager["projected_500_epochs_min_pL=0.5"] > 0
+        assert set(speed["warmup_s"]) == {"eager pL=1.0", "eager pL=0.5"}
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # written by rename: no temp file left

@@ -21,6 +21,10 @@ Asked for by option (then only these, unless --sections is given too):
             device, a fixed timed window after a common start (sdrun.tools.bench_concurrent).
 Peak memory: CUDA max_memory_allocated per measurement; on the CPU the process's peak RSS
 (monotone over the run, so only an upper bound for the later sections).
+The JSON report (--out) is rewritten atomically after every section, after every timed repeat
+of the interleaved sections (sd, layout, compile, speed; marked "partial" until the section
+ends) and after every K of --concurrent, so a run killed at its time limit keeps every figure
+measured before the kill (issue 21).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -47,6 +52,7 @@ from sdrun.data.batches import Normalizer, eval_batches
 from sdrun.data.readers import Split
 from sdrun.errors import ArgParser
 from sdrun.engine.state import save_checkpoint
+from sdrun.files import write_json
 from sdrun.engine.gradstats import GradStats
 from sdrun.model.resnet import build_model
 from sdrun.engine.optim import make_optimizer
@@ -121,51 +127,91 @@ class Stepper:
         return time.perf_counter() - t0, active
 
 
-def interleaved(steppers: dict[str, Stepper], steps: int, repeats: int, warmup: int) -> dict:
-    """Per-step times of each stepper, repeats interleaved in ABBA order to cancel drift."""
+Progress = Callable[[dict], None]  # receives a section's partial result (its "partial" key says how far)
+
+
+def interleaved(steppers: dict[str, Stepper], steps: int, repeats: int, warmup: int,
+                progress: Callable[[dict, int], None] | None = None) -> dict:
+    """Per-step times of each stepper, repeats interleaved in ABBA order to cancel drift.
+
+    progress(runs so far, repeats done) after every repeat but the last, so that a caller can
+    save what is measured before a kill."""
     for s in steppers.values():
         s.steps(warmup)
     names = list(steppers)
     times = {n: [] for n in names}
     active = {n: 0 for n in names}
+
+    def runs() -> dict:
+        done = len(times[names[0]])
+        return {n: {"step_s_median": median(times[n]), "step_s_all": times[n],
+                    "images_per_s": len(s.y) / median(times[n]),
+                    "active_blocks_mean": active[n] / (steps * done), "num_blocks": s.num_blocks}
+                for n, s in steppers.items()}
+
     for r in range(repeats):
         for n in (names if r % 2 == 0 else names[::-1]):
             dt, a = steppers[n].steps(steps)
             times[n].append(dt / steps)
             active[n] += a
-    out = {}
-    for n, s in steppers.items():
-        out[n] = {"step_s_median": median(times[n]), "step_s_all": times[n],
-                  "images_per_s": len(s.y) / median(times[n]),
-                  "active_blocks_mean": active[n] / (steps * repeats), "num_blocks": s.num_blocks}
-    return out
+        if progress and r + 1 < repeats:
+            progress(runs(), r + 1)
+    return runs()
+
+
+def repeats_progress(progress: Progress | None, summary: Callable[[dict], dict], repeats: int):
+    """interleaved's progress callback for a section: its summary of the runs so far, marked partial."""
+    if progress is None:
+        return None
+    return lambda runs, done: progress({**summary(runs), "partial": f"{done} of {repeats} timed repeats"})
+
+
+def warm_up(steppers: dict[str, Stepper], steps: int, progress: Progress | None, what: str) -> dict:
+    """The untimed steps that compile the branches / capture the graphs, configuration by
+    configuration; the seconds each took (its compile or capture time, mostly) are saved after each."""
+    seconds = {}
+    for i, (name, s) in enumerate(steppers.items()):
+        t0 = time.perf_counter()
+        s.steps(steps)
+        seconds[name] = time.perf_counter() - t0
+        if progress:
+            progress({"partial": f"{what} {i + 1} of {len(steppers)} configurations, nothing timed yet",
+                      "warmup_s": dict(seconds)})
+    return seconds
 
 
 # ---------------------------------------------------------------- sections
 
-def bench_sd(depth: int, rt, a) -> dict:
+def bench_sd(depth: int, rt, a, progress: Progress | None = None) -> dict:
     reset_peak(rt.device)
     steppers = {"pL=1.0": Stepper(depth, 1.0, rt, a.batch_size), "pL=0.5": Stepper(depth, 0.5, rt, a.batch_size)}
-    res = interleaved(steppers, a.steps if depth == a.depth else a.deep_steps,
-                      a.repeats if depth == a.depth else a.deep_repeats, a.warmup)
-    num_blocks = res["pL=1.0"]["num_blocks"]
-    sd, const = res["pL=0.5"], res["pL=1.0"]
-    return {"depth": depth, "batch_size": a.batch_size, "runs": res,
-            "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
-            # Each repeat's pair was timed back to back: robust to load that drifts over the run.
-            "ratio_paired_median": median([s / c for s, c in zip(sd["step_s_all"], const["step_s_all"])]),
-            "theory_expected_compute": expected_active_blocks(survival_probs(num_blocks, 0.5)) / num_blocks,
-            "theory_for_timed_gates": sd["active_blocks_mean"] / num_blocks,
-            **peak_memory(rt.device)}
+    repeats = a.repeats if depth == a.depth else a.deep_repeats
+
+    def summary(res: dict) -> dict:
+        num_blocks = res["pL=1.0"]["num_blocks"]
+        sd, const = res["pL=0.5"], res["pL=1.0"]
+        return {"depth": depth, "batch_size": a.batch_size, "runs": res,
+                "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
+                # Each repeat's pair was timed back to back: robust to load that drifts over the run.
+                "ratio_paired_median": median([s / c for s, c in zip(sd["step_s_all"], const["step_s_all"])]),
+                "theory_expected_compute": expected_active_blocks(survival_probs(num_blocks, 0.5)) / num_blocks,
+                "theory_for_timed_gates": sd["active_blocks_mean"] / num_blocks,
+                **peak_memory(rt.device)}
+
+    return summary(interleaved(steppers, a.steps if depth == a.depth else a.deep_steps, repeats, a.warmup,
+                               repeats_progress(progress, summary, repeats)))
 
 
-def bench_layout(a) -> dict:
+def bench_layout(a, progress: Progress | None = None) -> dict:
     """channels_last vs contiguous for the same training step (p_L = 1.0, fixed compute)."""
     steppers = {"contiguous": Stepper(a.depth, 1.0, runtime(a.device, "off", a.precision), a.batch_size),
                 "channels_last": Stepper(a.depth, 1.0, runtime(a.device, "on", a.precision), a.batch_size)}
-    res = interleaved(steppers, a.steps, a.repeats, a.warmup)
-    return {"depth": a.depth, "runs": res, "speedup_channels_last":
-            res["contiguous"]["step_s_median"] / res["channels_last"]["step_s_median"]}
+
+    def summary(res: dict) -> dict:
+        return {"depth": a.depth, "runs": res, "speedup_channels_last":
+                res["contiguous"]["step_s_median"] / res["channels_last"]["step_s_median"]}
+
+    return summary(interleaved(steppers, a.steps, a.repeats, a.warmup, repeats_progress(progress, summary, a.repeats)))
 
 
 def bench_eval(depth: int, rt, a) -> dict:
@@ -238,45 +284,46 @@ def bench_overhead(rt, a) -> dict:
     return out
 
 
-def bench_compile(rt, a) -> dict:
+def bench_compile(rt, a, progress: Progress | None = None) -> dict:
     """Eager vs per-branch compiled, constant depth vs stochastic depth; projected 500 epochs."""
     steppers = {f"{mode} pL={p}": Stepper(a.depth, p, rt, a.batch_size, speed="compile" if mode == "compiled" else "eager")
                 for mode in ("eager", "compiled") for p in (1.0, 0.5)}
-    t0 = time.perf_counter()
-    for s in steppers.values():  # compile every branch shape before timing
-        s.steps(a.compile_warmup)
-    warm_s = time.perf_counter() - t0
-    res = interleaved(steppers, a.steps, a.repeats, 0)
-    for r in res.values():
-        r["projected_500_epochs_h"] = PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / r["images_per_s"] / 3600
-    return {"depth": a.depth, "runs": res, "warmup_and_compile_s": warm_s,
-            "speedup_compiled_pL=1.0": res["eager pL=1.0"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
-            "speedup_compiled_pL=0.5": res["eager pL=0.5"]["step_s_median"] / res["compiled pL=0.5"]["step_s_median"],
-            "ratio_sd_over_constant_compiled":
-                res["compiled pL=0.5"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
-            **peak_memory(rt.device)}
+    warm = warm_up(steppers, a.compile_warmup, progress, "compiled")  # every branch shape, before timing
+
+    def summary(res: dict) -> dict:
+        for r in res.values():
+            r["projected_500_epochs_h"] = PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / r["images_per_s"] / 3600
+        return {"depth": a.depth, "runs": res, "warmup_and_compile_s": sum(warm.values()), "warmup_s": warm,
+                "speedup_compiled_pL=1.0": res["eager pL=1.0"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
+                "speedup_compiled_pL=0.5": res["eager pL=0.5"]["step_s_median"] / res["compiled pL=0.5"]["step_s_median"],
+                "ratio_sd_over_constant_compiled":
+                    res["compiled pL=0.5"]["step_s_median"] / res["compiled pL=1.0"]["step_s_median"],
+                **peak_memory(rt.device)}
+
+    return summary(interleaved(steppers, a.steps, a.repeats, 0, repeats_progress(progress, summary, a.repeats)))
 
 
-def bench_speed(rt, a, modes: list[str]) -> dict:
+def bench_speed(rt, a, modes: list[str], progress: Progress | None = None) -> dict:
     """`--speed eager,compile,graphs`: each mode at p_L = 1.0 and 0.5, interleaved; per mode the
     step time, images/s, the projected 500 CIFAR epochs and the SD/constant step ratio."""
     steppers = {f"{mode} pL={p}": Stepper(a.depth, p, rt, a.batch_size, speed=mode) for mode in modes for p in (1.0, 0.5)}
-    t0 = time.perf_counter()
-    for s in steppers.values():  # compile every branch shape / capture every graph before timing
-        s.steps(a.compile_warmup)
-    warm_s = time.perf_counter() - t0
-    res = interleaved(steppers, a.steps, a.repeats, 0)
-    modes_out = {}
-    for mode in modes:
-        const, sd = res[f"{mode} pL=1.0"], res[f"{mode} pL=0.5"]
-        modes_out[mode] = {
-            "step_s_pL=1.0": const["step_s_median"], "step_s_pL=0.5": sd["step_s_median"],
-            "images_per_s_pL=1.0": const["images_per_s"], "images_per_s_pL=0.5": sd["images_per_s"],
-            "projected_500_epochs_min_pL=0.5": PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / sd["images_per_s"] / 60,
-            "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
-            "theory_for_timed_gates": sd["active_blocks_mean"] / sd["num_blocks"]}
-    return {"depth": a.depth, "batch_size": a.batch_size, "modes": modes_out, "runs": res,
-            "warmup_and_capture_s": warm_s, **peak_memory(rt.device)}
+    # Compile every branch shape / capture every graph before timing.
+    warm = warm_up(steppers, a.compile_warmup, progress, "warmed up (compiled / captured)")
+
+    def summary(res: dict) -> dict:
+        modes_out = {}
+        for mode in modes:
+            const, sd = res[f"{mode} pL=1.0"], res[f"{mode} pL=0.5"]
+            modes_out[mode] = {
+                "step_s_pL=1.0": const["step_s_median"], "step_s_pL=0.5": sd["step_s_median"],
+                "images_per_s_pL=1.0": const["images_per_s"], "images_per_s_pL=0.5": sd["images_per_s"],
+                "projected_500_epochs_min_pL=0.5": PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / sd["images_per_s"] / 60,
+                "ratio_sd_over_constant": sd["step_s_median"] / const["step_s_median"],
+                "theory_for_timed_gates": sd["active_blocks_mean"] / sd["num_blocks"]}
+        return {"depth": a.depth, "batch_size": a.batch_size, "modes": modes_out, "runs": res,
+                "warmup_and_capture_s": sum(warm.values()), "warmup_s": warm, **peak_memory(rt.device)}
+
+    return summary(interleaved(steppers, a.steps, a.repeats, 0, repeats_progress(progress, summary, a.repeats)))
 
 
 def print_speed(r: dict) -> None:
@@ -397,45 +444,64 @@ def run_bench(argv: list[str]) -> int:
     t_start = time.perf_counter()
 
     def save():
+        """The report as measured so far, atomically (temp file, then rename): a kill at any
+        moment leaves the previous complete version, never a truncated file."""
         report["environment"]["load_avg_1_5_15_at_end"] = os.getloadavg()
         report["wall_time_s"] = time.perf_counter() - t_start
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(a.out, report)
+
+    def partial(key: str) -> Progress:
+        """A section's progress callback: its partial result under its key, saved at once."""
+        def put(part: dict) -> None:
+            results[key] = part
+            save()
+        return put
+
+    save()  # the environment at once: a run killed in its first section still says where it ran
 
     print(f"sdrun bench on {rt.device} ({report['environment'].get('gpu') or report['environment'].get('cpu_model', '')}, "
           f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}), precision={rt.precision} "
           f"channels_last={rt.channels_last}", flush=True)
+    # Each finished section is saved before its line is printed: a line on the screen means its
+    # figures are on disk.
     for section in [s for s in SECTIONS if s in wanted]:
         if section == "sd":
-            r = results["sd"] = bench_sd(a.depth, rt, a)
+            r = results["sd"] = bench_sd(a.depth, rt, a, partial("sd"))
+            save()
             print_sd(r)
         elif section == "layout":
-            r = results["layout"] = bench_layout(a)
+            r = results["layout"] = bench_layout(a, partial("layout"))
+            save()
             print(f"layout   ResNet-{a.depth}: contiguous {r['runs']['contiguous']['step_s_median']:.3f} s/step, "
                   f"channels_last {r['runs']['channels_last']['step_s_median']:.3f} s/step "
                   f"(channels_last speed-up x{r['speedup_channels_last']:.3f})", flush=True)
         elif section == "overhead":
             r = results["overhead"] = bench_overhead(rt, a)
-            print(f"overhead ResNet-{a.depth}: sdrun.engine.loop {r['trainer_images_per_s']:.1f} img/s vs bare loop "
+            save()
+            print(f"overhead ResNet-{a.depth}: sdrun train {r['trainer_images_per_s']:.1f} img/s vs bare loop "
                   f"{r['bare_images_per_s']:.1f} img/s: overhead {100 * r['overhead_fraction']:.1f} %; "
                   f"checkpoint {r['checkpoint_write_s']:.2f} s = {100 * r['checkpoint_fraction_of_cifar_epoch']:.3f} % "
                   f"of a CIFAR epoch", flush=True)
         elif section == "eval":
             r = results["eval"] = bench_eval(a.depth, rt, a)
+            save()
             print(f"eval     ResNet-{a.depth}: {r['images_per_s']:.1f} img/s; peak memory "
                   f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})", flush=True)
         elif section == "deep" and a.deep_depth:
-            r = results["deep_sd"] = bench_sd(a.deep_depth, rt, a)
+            r = results["deep_sd"] = bench_sd(a.deep_depth, rt, a, partial("deep_sd"))
+            save()
             print_sd(r)
             r = results["deep_eval"] = bench_eval(a.deep_depth, rt, a)
+            save()
             print(f"eval     ResNet-{a.deep_depth}: {r['images_per_s']:.1f} img/s; peak memory "
                   f"{r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['peak_memory_kind']})", flush=True)
         elif section == "compile":
-            r = results["compile"] = bench_compile(rt, a)
+            r = results["compile"] = bench_compile(rt, a, partial("compile"))
+            save()
             for name, run in r["runs"].items():
                 print(f"compile  ResNet-{a.depth} {name}: {run['images_per_s']:.0f} img/s, "
                       f"500 CIFAR epochs in {run['projected_500_epochs_h']:.2f} h", flush=True)
-        save()  # after every section, so an interrupted run keeps what it measured
     try:
         run_speed_sections(a, rt, results, save)
     except ConcurrentFailure as e:  # a concurrent process failed (out of memory, ...): say which, keep the rest
@@ -462,12 +528,16 @@ def speed_problem(a, rt) -> str | None:
 def run_speed_sections(a, rt, results: dict, save) -> None:
     """--speed and --concurrent (issue 13), after the other sections."""
     if a.speed:
-        r = results["speed"] = bench_speed(rt, a, a.speed.split(","))
-        print_speed(r)
+        def put(part: dict) -> None:  # the section's partial result, saved at once
+            results["speed"] = part
+            save()
+
+        r = results["speed"] = bench_speed(rt, a, a.speed.split(","), put)
         save()
+        print_speed(r)
     if a.concurrent:
-        results["concurrent"] = {}  # filled K by K, so a failure keeps the Ks measured before it
-        run_concurrent(a.concurrent, a, str(rt.device), rt.device.type, results["concurrent"])
+        results["concurrent"] = {}  # filled K by K and saved after each, so a failure or a kill keeps the Ks before it
+        run_concurrent(a.concurrent, a, str(rt.device), rt.device.type, results["concurrent"], after_each=save)
         save()
 
 

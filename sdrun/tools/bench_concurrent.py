@@ -93,8 +93,9 @@ def measure(k: int, settings: dict, device_type: str) -> dict:
             "projected_500_epochs_one_run_h": PAPER_EPOCHS * CIFAR_TRAIN_IMAGES / (aggregate / k) / 3600}
 
 
-def run_concurrent(ks: list[int], a, device: str, device_type: str, out: dict) -> dict:
-    """One measurement per K, in order, into `out`; speed-up of the aggregate over K = 1 when measured."""
+def run_concurrent(ks: list[int], a, device: str, device_type: str, out: dict, after_each=None) -> dict:
+    """One measurement per K, in order, into `out`; speed-up of the aggregate over K = 1 when measured.
+    after_each(): called after each K (sdrun bench saves its report there)."""
     # The host threads the K processes share: --threads if given, else every core of this process.
     cores = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
     settings = {"device": device, "depth": a.depth, "pL": a.concurrent_pL, "batch_size": a.batch_size,
@@ -106,11 +107,11 @@ def run_concurrent(ks: list[int], a, device: str, device_type: str, out: dict) -
         base = out["runs"].get("1")
         if base:
             r["speedup_over_one"] = r["aggregate_images_per_s"] / base["aggregate_images_per_s"]
+        out["best_k"] = max(out["runs"].values(), key=lambda m: m["aggregate_images_per_s"])["k"]
+        if after_each:
+            after_each()
         each = ", ".join(f"{p['images_per_s']:.0f}" for p in r["processes"])
         print(f"concurrent K={k}: {r['aggregate_images_per_s']:.0f} img/s aggregate ({each} per process"
               + (f", x{r['speedup_over_one']:.2f} over K=1" if base else "")
               + f"); Table 1's 6 CIFAR-10 runs in {r['table1_cifar10_6_runs_h']:.2f} h", flush=True)
-    if out["runs"]:
-        best = max(out["runs"].values(), key=lambda r: r["aggregate_images_per_s"])
-        out["best_k"] = best["k"]
     return out
