@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from sdrun.engine.gradstats import GradStats
 from sdrun.model.resnet import CifarResNet
 from sdrun.model.stochastic import GateSampler
-from sdrun.engine.loop import make_optimizer
+from sdrun.engine.optim import make_optimizer
 
 
 def main() -> None:

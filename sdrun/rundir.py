@@ -1,8 +1,12 @@
-"""`results.json`: a finished run's headline numbers, and the one place that defines its keys.
+"""A run directory's layout: the files a run writes, their names and keys, and their readers.
 
-Written once, atomically, when a run ends (sdrun.engine.loop); read by `sdrun table`, `sdrun plot`
-(sdrun.report.collect) and the run-directory checks (sdrun.launch.runs). Errors are in percent, times in
-seconds. Imports nothing heavy, so readers on a login node stay fast.
+The engine writes them (sdrun.engine.log, sdrun.engine.state); the launch layer checks them
+(sdrun.launch.runs), and `sdrun status`, `sdrun table`, `sdrun plot` and `sdrun report` read them
+(sdrun.report). Errors are in percent, times in seconds. Imports nothing heavy, so readers on
+a login node stay fast.
+
+`results.json` is written once, atomically, when a run ends; this module is the one place that
+defines its keys.
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RESULTS = "results.json"
+METRICS = "metrics.jsonl"        # one line per epoch, appended as each ends
+EVALS = "evals.jsonl"            # with eval_every_steps: one line per evaluation
+CHECKPOINT = "checkpoint.pt"     # the latest epoch's full training state (sdrun.engine.state)
+RESULTS = "results.json"         # the headline numbers, when the run has finished
+SWEEP_SUMMARY = "sweep_summary.json"  # in a sweep's directory: every job's status (sdrun.launch.guard)
 FINISHED = "finished"
 
 # The paper's protocol: the test error at the evaluation with the lowest validation error.

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import sdrun.engine.state
 import sdrun.model.stochastic
-import sdrun.engine.loop
+import sdrun.engine.setup
 
 
 @contextlib.contextmanager
@@ -33,7 +33,7 @@ def recording(out_dir: Path, kill_after: int = 0):
     record = {"gates": [], "loss": [], "batch": [], "wrong": []}
     models, saves = [], [0]
     real = {"draw": sdrun.model.stochastic.GateSampler.draw, "cross_entropy": F.cross_entropy,
-            "model_for": sdrun.engine.loop.model_for, "save_checkpoint": sdrun.engine.state.save_checkpoint}
+            "model_for": sdrun.engine.setup.model_for, "save_checkpoint": sdrun.engine.state.save_checkpoint}
 
     def draw(self):
         gates = real["draw"](self)
@@ -60,14 +60,14 @@ def recording(out_dir: Path, kill_after: int = 0):
 
     sdrun.model.stochastic.GateSampler.draw = draw
     F.cross_entropy = cross_entropy
-    sdrun.engine.loop.model_for = model_for
+    sdrun.engine.setup.model_for = model_for
     sdrun.engine.state.save_checkpoint = save_checkpoint
     try:
         yield
     finally:
         sdrun.model.stochastic.GateSampler.draw = real["draw"]
         F.cross_entropy = real["cross_entropy"]
-        sdrun.engine.loop.model_for = real["model_for"]
+        sdrun.engine.setup.model_for = real["model_for"]
         sdrun.engine.state.save_checkpoint = real["save_checkpoint"]
         out_dir.mkdir(parents=True, exist_ok=True)
         record["params"] = {n: p.detach().clone() for n, p in models[-1].named_parameters()} if models else {}

@@ -21,7 +21,7 @@ from torch import nn
 
 from sdrun.engine import distributed
 from sdrun.model.stochastic import StochasticResidual, run_blocks
-from sdrun.engine.loop import make_optimizer
+from sdrun.engine.optim import make_optimizer
 from sdrun.ranks import SINGLE, shard
 
 GATES = [[True, True, True], [True, False, True], [False, False, True], [True, False, False]]

@@ -69,7 +69,7 @@ def test_step_and_gradient_statistics_never_sync_the_host(precision):
     from sdrun.model.resnet import build_model
     from sdrun.engine.runtime import autocast, resolve_runtime
     from sdrun.model.stochastic import GateSampler
-    from sdrun.engine.loop import make_optimizer
+    from sdrun.engine.optim import make_optimizer
 
     rt = resolve_runtime(OmegaConf.create({"device": "cuda", "precision": precision, "eval_precision": "same",
                                            "channels_last": Toggle.auto, "deterministic": False}))

@@ -9,10 +9,9 @@ import math
 
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
-from torch.utils.tensorboard import SummaryWriter
-
 from sdrun.engine.evaluate import Evaluator
-from tests.conftest import read_jsonl
+from sdrun.engine.tblog import RunBoard
+from tests.conftest import compose_cfg
 
 
 class Scripted:
@@ -28,11 +27,9 @@ class Scripted:
         return top1, top1 + 10  # top-5 error: a number that is easy to tell apart
 
 
-def evaluator(error_of, tmp_path, has_val=True, every_steps=None, top5=False, write=True):
+def evaluator(error_of, tmp_path, has_val=True, every_steps=None, top5=False):
     syncs = []
-    ev = Evaluator(error_of, has_val, every_steps, top5, tmp_path, lambda: syncs.append(1), write=write)
-    if every_steps is not None and write:  # as the trainer sets it up: the step-axis event file
-        ev.writer = SummaryWriter(str(tmp_path / "by_step"))
+    ev = Evaluator(error_of, has_val, every_steps, top5, lambda: syncs.append(1))
     return ev, syncs
 
 
@@ -48,7 +45,6 @@ def test_selection_is_the_first_lowest_validation_error(tmp_path):
     assert picks == [(1, 10, 50, 9), (2, 20, 40, 8), (2, 20, 40, 8), (2, 20, 40, 8), (5, 50, 30, 5)]
     assert errors.calls == ["val", "test"] * 5  # epoch ends always measure the test set
     assert len(syncs) == 5 and ev.seconds >= 0
-    assert not (tmp_path / "evals.jsonl").exists()  # without every_steps: metrics.jsonl only
 
 
 def test_inside_an_epoch_the_test_set_is_evaluated_only_on_a_new_best(tmp_path):
@@ -62,7 +58,7 @@ def test_inside_an_epoch_the_test_set_is_evaluated_only_on_a_new_best(tmp_path):
     assert [r["test_error_pct"] for r in records] == [9, None, 7, None, None]
     assert errors.calls == ["val", "test", "val", "val", "test", "val", "val"]
     assert (ev.best["step"], ev.best["epoch"], ev.best["test_error_pct"]) == (5, 1, 7)
-    assert read_jsonl(tmp_path / "evals.jsonl") == [
+    assert records == [
         {"step": 2, "epoch": 0.4, "val_error_pct": 50, "test_error_pct": 9, "best_val_error_pct": 50},
         {"step": 4, "epoch": 0.8, "val_error_pct": 55, "test_error_pct": None, "best_val_error_pct": 50},
         {"step": 5, "epoch": 1, "val_error_pct": 40, "test_error_pct": 7, "best_val_error_pct": 40},
@@ -101,22 +97,21 @@ def test_step_evaluations_are_due_every_n_steps_but_not_at_the_epoch_end(tmp_pat
     assert not any(never.due_inside_epoch(s, 5, s) for s in range(1, 6))
 
 
-def test_step_curves_go_to_tensorboard_by_global_step_and_only_rank_zero_writes(tmp_path):
-    ev, _ = evaluator(Scripted(val=[50, 40], test=[9, 8]), tmp_path / "main", every_steps=2)
-    ev.run(2, 0.5, epoch_end=False)
-    ev.run(4, 1, epoch_end=True)
-    ev.writer.close()
+def test_step_curves_go_to_tensorboard_by_global_step(tmp_path):
+    """What sdrun.engine.log.RunLog hands each evaluation's record to: the by_step/ event file."""
+    ev, _ = evaluator(Scripted(val=[50, 40], test=[9, 8]), tmp_path, every_steps=2)
+    board = RunBoard.open(compose_cfg("eval_every_steps=2"), tmp_path / "main", num_blocks=3, start_epoch=0,
+                          start_step=0)
+    board.evaluation(ev.run(2, 0.5, epoch_end=False))
+    board.evaluation(ev.run(4, 1, epoch_end=True))
+    board.step_writer.close()
+    board.writer.close()
     points = {}
     for path in (tmp_path / "main" / "by_step").glob("events.out.tfevents.*"):
         for event in EventFileLoader(str(path)).Load():
             for v in event.summary.value:
                 points.setdefault(v.tag, []).append((event.step, tensor_util.make_ndarray(v.tensor).item()))
     assert points == {"error_by_step/val": [(2, 50), (4, 40)], "error_by_step/test": [(2, 9), (4, 8)]}
-
-    other_rank, _ = evaluator(Scripted(val=[50], test=[9]), tmp_path / "rank1", every_steps=2, write=False)
-    other_rank.run(2, 0.5, epoch_end=False)
-    assert not (tmp_path / "rank1" / "evals.jsonl").exists()
-    assert other_rank.best["test_error_pct"] == 9  # it still tracks the selection
 
 
 def test_before_any_evaluation_nothing_is_selected(tmp_path):

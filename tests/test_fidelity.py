@@ -207,7 +207,7 @@ def scripted_evaluator(tmp_path, select_from, val_by_step):
         step = seen[-1]
         return (val_by_step[step], None) if name == "val" else (100.0 + step, None)
 
-    ev = Evaluator(error_of, True, 200, False, tmp_path, lambda: None, write=False, select_from=select_from)
+    ev = Evaluator(error_of, True, 200, False, lambda: None, select_from=select_from)
     return ev, seen
 
 

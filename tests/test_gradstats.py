@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from sdrun.engine.gradstats import GradStats
 from sdrun.model.resnet import CifarResNet, first_conv
 from sdrun.engine.tblog import FIRST_BLOCK_TAG, MODEL_NORM_TAG, RunBoard, block_tag
-from sdrun.engine.loop import make_optimizer
+from sdrun.engine.optim import make_optimizer
 
 OPTIM = OmegaConf.create({"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4})
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from sdrun.model.resnet import CifarResNet, PadShortcut, first_conv
-from sdrun.engine.loop import make_optimizer
+from sdrun.engine.optim import make_optimizer
 
 
 def n_params(model):

@@ -18,7 +18,6 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdrun.engine import distributed
 from sdrun.data.batches import Normalizer, TrainBatches
 from sdrun.data.readers import Split
 from sdrun.engine.evaluate import Evaluator
@@ -29,6 +28,7 @@ from sdrun.engine.runtime import resolve_runtime
 from sdrun.engine.state import TrainState
 from sdrun.model.stochastic import GateSampler
 from sdrun.engine.loop import StopSignals, train_epoch
+from sdrun.engine.setup import Run
 from sdrun.ranks import SINGLE
 
 META = torch.device("meta")
@@ -84,10 +84,12 @@ def watched_epoch(steps: int) -> SyncWatch:
     optimizer = make_optimizer(model, OmegaConf.create({"lr": 0.1, "momentum": 0.9, "nesterov": True,
                                                         "weight_decay": 1e-4}))
     state = TrainState(model, optimizer, GateSampler(model.survival_probs, 1), meta_batches(steps), normalizer=None)
+    run = Run(cfg=None, ctx=SINGLE, rt=rt, data=None, model=model, net=model, state=state,
+              grad_stats=GradStats(model), speed="eager")
     evaluator = Evaluator(lambda name: (0.0, 0.0), has_val=False, every_steps=None, top5=False,
-                          run_dir="unused", sync=lambda: None, write=False)  # no step evaluations: writes nothing
+                          sync=lambda: None)  # no step evaluations: the RunLog is never asked to write
     with StopSignals() as stop, SyncWatch() as watch:
-        stats = train_epoch(model, state, rt, SINGLE, evaluator, GradStats(model), stop)
+        stats = train_epoch(run, evaluator, None, stop)
     assert stats.steps == steps and stats.loss_sum.device == META
     return watch
 

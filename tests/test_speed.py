@@ -38,7 +38,7 @@ def test_per_branch_compile_matches_eager_with_static_shapes_and_keeps_parameter
     assert compile_branches(compiled, backend=eager_backend) == 6
     assert list(compiled.state_dict()) == list(eager.state_dict())
     for p in [*eager.parameters(), *compiled.parameters()]:
-        p.grad = torch.zeros_like(p)  # as sdrun.engine.loop.make_optimizer does
+        p.grad = torch.zeros_like(p)  # as sdrun.engine.optim.make_optimizer does
 
     gates = [True, False, True, True, False, True]  # a dropped plain block and a dropped transition
     # Three training batch sizes (a full batch, an epoch's smaller last batch, a torchrun

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 # torch is imported where it is used: the run-directory checks read this module, and
 # `sdrun train` with a bad setting should answer before torch's import (seconds) is paid.
 
-CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:

@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from sdrun.config import ConfigError, validate
 from sdrun.engine import distributed
-from sdrun.engine.loop import run_training
+from sdrun.engine.loop import fit
+from sdrun.engine.setup import build_run
 from sdrun.errors import UserError, print_error
 from sdrun.launch.runs import check_run_dir
 from sdrun.liveness import Lease
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> int:
 
 
 def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
+    """One run: the config checked, the run directory checked and leased, the run built and fit."""
     ctx = check_launch(cfg)  # torchrun's rank and world size; one process without torchrun
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
     with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
         if ctx.is_main:
             lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
-        return run_training(cfg, run_dir, saved, ctx, progress)
+        return fit(build_run(cfg, ctx, saved), run_dir, progress)
 
 
 def check_launch(cfg: DictConfig) -> Context:

@@ -30,6 +30,7 @@ from sdrun.files import write_json
 from sdrun.liveness import refuse_if_busy
 from sdrun.launch.runs import check_run_dir, resume_dir
 from sdrun.ranks import env_rank
+from sdrun.rundir import SWEEP_SUMMARY
 
 
 class GuardStop(BaseException):
@@ -113,7 +114,6 @@ class RunDirGuard(Callback):
         LAST_SWEEP_SUMMARY = summary_path
 
 
-SWEEP_SUMMARY = "sweep_summary.json"
 
 
 @contextmanager

@@ -159,68 +159,59 @@ class Timing:
 
 
 def time_steps(cfg: DictConfig, out=None) -> tuple[dict, Timing]:
-    """Build a run's data, model and optimiser as `sdrun.launch.app.train` does, and time
-    TIMED_STEPS real training steps after WARMUP_STEPS; returns (facts, timing)."""
+    """Build the run as `sdrun train` does (sdrun.engine.setup.build_run) and time TIMED_STEPS
+    of its real training epochs' steps after WARMUP_STEPS; returns (facts, timing)."""
     out = out or sys.stdout  # the current one, not the one when this module was imported
     import torch
 
-    from sdrun.data.build import build_run_data
-    from sdrun.engine.gradstats import GradStats
-    from sdrun.model.resnet import model_for
-    from sdrun.engine.optim import make_optimizer, set_lr
-    from sdrun.rng import derive_seed, seed_global
-    from sdrun.engine.runtime import resolve_runtime, synchronize
+    from sdrun.engine.optim import set_lr
+    from sdrun.engine.runtime import synchronize
     from sdrun.engine.schedule import lr_at
-    from sdrun.engine.speed import apply_speed
-    from sdrun.model.stochastic import GateSampler
-    from sdrun.engine.loop import EpochStats, train_step
+    from sdrun.engine.setup import build_run
 
-    rt = resolve_runtime(cfg)
-    seed_global(cfg.seed)
     t0 = time.perf_counter()
-    data = build_run_data(cfg, rt.device, rt.channels_last)
+    run = build_run(cfg)  # check=true runs in one process
     load_s = time.perf_counter() - t0
-    model = model_for(cfg).to(rt.device, memory_format=torch.channels_last if rt.channels_last
-                              else torch.preserve_format)
-    apply_speed(model, cfg.speed, rt.device)  # check=true runs in one process
-    optimizer = make_optimizer(model, cfg.optim)
-    set_lr(optimizer, lr_at(0, cfg.optim))
-    gates = GateSampler(model.survival_probs, derive_seed(cfg.seed, "gates"))
-    grad_stats = GradStats(model, enabled=cfg.log.grad_stats)
+    rt, state = run.rt, run.state
+    set_lr(state.optimizer, lr_at(0, cfg.optim))
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    model.train()
+    run.model.train()
 
-    def steps(n: int) -> int:
-        """n training steps, as train_epoch makes them (epochs restart as needed); blocks run."""
-        done = active = 0
-        while done < n:
-            stats = EpochStats.zeros(rt.device)
-            for step, (x, y) in enumerate(data.train_batches, start=1):
-                g = gates.draw()
-                loss, logits = train_step(model, optimizer, x, y, g, rt, grad_stats=grad_stats)
-                stats.add(step, loss, logits, y, g)
-                done, active = done + 1, active + sum(g)
-                if done == n:
-                    break
-            float(stats.loss_sum)  # the epoch's one read-back, as the trainer makes it
-        return active
-
-    steps(WARMUP_STEPS)
+    run_steps(run, WARMUP_STEPS)
     synchronize(rt.device)
     t1 = time.perf_counter()
-    active = steps(TIMED_STEPS)
+    active = run_steps(run, TIMED_STEPS)
     synchronize(rt.device)
     step_s = (time.perf_counter() - t1) / TIMED_STEPS
     peak = (f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB allocated on the GPU"
             if rt.device.type == "cuda" else "-")
-    facts = {"rt": rt, "data": data, "load_s": load_s, "probs": list(model.survival_probs),
-             "params": sum(p.numel() for p in model.parameters()),
-             "steps_per_epoch": len(data.train_batches)}
-    del model, optimizer, grad_stats
+    facts = {"rt": rt, "data": run.data, "load_s": load_s, "probs": list(run.model.survival_probs),
+             "params": sum(p.numel() for p in run.model.parameters()),
+             "steps_per_epoch": len(state.batches)}
+    del run, state
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
     return facts, Timing(step_s, active / TIMED_STEPS, peak)
+
+
+def run_steps(run, n: int) -> int:
+    """n training steps of `run`, as train_epoch makes them (epochs restart as needed); blocks run."""
+    from sdrun.engine.loop import EpochStats, train_step
+
+    state, rt = run.state, run.rt
+    done = active = 0
+    while done < n:
+        stats = EpochStats.zeros(rt.device)
+        for step, (x, y) in enumerate(state.batches, start=1):
+            g = state.gates.draw()
+            loss, logits = train_step(run.net, state.optimizer, x, y, g, rt, grad_stats=run.grad_stats)
+            stats.add(step, loss, logits, y, g)
+            done, active = done + 1, active + sum(g)
+            if done == n:
+                break
+        float(stats.loss_sum)  # the epoch's one read-back, as the trainer makes it
+    return active
 
 
 def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> tuple[list[str], float]:
@@ -245,7 +236,7 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
     val = len(data.val) if data.val is not None else 0
     lines = [
         f"dataset     {cfg.dataset.name} ({'embedded' if cfg.dataset.name == 'digits' else cfg.dataset.root}): {len(data.train)} train / {val} val / "
-        f"{len(data.test)} test images, {len(data.classes)} classes (read in {facts['load_s']:.1f} s)",
+        f"{len(data.test)} test images, {len(data.classes)} classes (read and built in {facts['load_s']:.1f} s)",
         f"model       depth {cfg.depth} ({cfg.model.arch}), L = {L} blocks, {facts['params'] / 1e6:.2f}M parameters",
         f"survival    {cfg.survival}: p_1 = {probs[0]:.4f} ... p_L = {probs[-1]:.4f}; expected active blocks "
         f"{expected:.2f} of {L} ({100 * expected / L:.1f} %)",

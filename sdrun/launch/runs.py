@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain
 from sdrun.rundir import FINISHED, RESULTS, read_results
-from sdrun.engine.state import CHECKPOINT, CheckpointError, SavedRun
+from sdrun.engine.state import CheckpointError, SavedRun
+from sdrun.rundir import CHECKPOINT
 
 
 class AlreadyFinished(Exception):

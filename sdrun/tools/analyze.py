@@ -46,7 +46,8 @@ from sdrun.data.readers import Split, load_image_data
 from sdrun.files import write_json
 from sdrun.model.resnet import model_for
 from sdrun.engine.runtime import resolve_device
-from sdrun.engine.state import CHECKPOINT, SavedRun
+from sdrun.engine.state import SavedRun
+from sdrun.rundir import CHECKPOINT
 from sdrun.rng import derive_seed
 from sdrun.model.stochastic import GateSampler, run_blocks
 

@@ -10,7 +10,7 @@ Sections (--sections, all by default; `compile` only on CUDA unless asked for):
             logging; on the embedded digits, CIFAR-shaped) vs a bare forward/backward loop over
             pre-made tensors with the same model, gates and device; plus the per-epoch
             checkpoint write, as a fraction of a full CIFAR epoch.
-  eval      test-time (every block, branch x p_l) images/s through sdrun.engine.loop.evaluate.
+  eval      test-time (every block, branch x p_l) images/s through sdrun.engine.evaluate.evaluate.
   compile   eager vs per-branch torch.compile, p_L = 1.0 and 0.5: images/s and the projected
             time of the paper's 500 CIFAR epochs (45k images each, training only).
   deep      `sd` and `eval` for ResNet-1202 with fewer steps.
@@ -61,7 +61,8 @@ from sdrun.engine.runtime import device_info, resolve_runtime, software_versions
 from sdrun.engine.runtime import synchronize as sync
 from sdrun.engine.speed import apply_speed
 from sdrun.model.stochastic import GateSampler, expected_active_blocks, survival_probs
-from sdrun.engine.loop import evaluate, train_step
+from sdrun.engine.evaluate import evaluate
+from sdrun.engine.loop import train_step
 from sdrun.launch.app import train
 
 CIFAR_TRAIN_IMAGES = 45_000
