@@ -7,7 +7,6 @@ files under conf/ only set values; every key they may set is declared here.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -308,25 +307,3 @@ def flatten(plain: dict, prefix: str = "") -> dict:
 def to_plain(cfg: DictConfig) -> dict:
     """The resolved config as plain JSON-able data (enums as their names)."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def _bf16_replacement(value: str) -> str:
-    new = {"on": "bf16", "true": "bf16", "off": "tf32 (or fp32)", "false": "tf32 (or fp32)"}.get(value.lower(), "auto")
-    return f"the bf16 setting was replaced by precision=auto|fp32|tf32|bf16 (use precision={new}; see README, Precision)"
-
-
-# Keys of earlier releases -> what replaced them. Hydra alone would say "Could not override".
-REMOVED_KEYS = {
-    "bf16": _bf16_replacement,
-    "compile": lambda value: "the compile setting was replaced by speed=eager|compile|graphs "
-                             "(compile=true is now speed=compile)",
-}
-
-
-def removed_key_error(argv: list[str]) -> str | None:
-    """The one-line error for a command-line override of a removed key (`bf16=on`, `++compile=true`), or None."""
-    for arg in argv:
-        m = re.match(r"^(?:\+\+|\+|~)?(\w+)(?:=(.*))?$", arg)
-        if m and m.group(1) in REMOVED_KEYS:
-            return f"{arg!r}: {REMOVED_KEYS[m.group(1)](m.group(2) or '')}"
-    return None

@@ -109,12 +109,9 @@ def test_graphed_branches_keep_names_and_run_eagerly_off_cuda():
     assert torch.equal(eager(x), graphed(x))
 
 
-def test_old_compile_key_is_one_clear_line_and_graphs_on_cpu_too(tmp_path):
+def test_speed_graphs_on_the_cpu_is_one_clear_line(tmp_path):
     from tests.conftest import TINY, sdrun_main  # the CLI's main() in process: a range check needs no process
 
-    r = sdrun_main("train", *TINY, "compile=true", cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "speed=compile" in r.stderr, r.stderr
     r = sdrun_main("train", *TINY, "device=cpu", "speed=graphs", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "speed=graphs needs a CUDA device" in r.stderr

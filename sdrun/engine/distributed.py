@@ -176,35 +176,3 @@ def broadcast_str(text: str | None, ctx: Context) -> str:
         data = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.broadcast(data, src=0)
     return bytes(data.tolist()).decode()
-
-
-# ---------------------------------------------------------------- Hydra under torchrun
-
-def quiet_logging(rank: int) -> dict:
-    """Hydra job_logging for ranks > 0: warnings and errors on the console, no train.log of
-    their own and no second writer on rank 0's."""
-    return {"version": 1, "disable_existing_loggers": False,
-            "formatters": {"simple": {"format": f"[rank {rank}][%(levelname)s] %(message)s"}},
-            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple",
-                                     "stream": "ext://sys.stderr"}},
-            "root": {"level": "WARNING", "handlers": ["console"]}}
-
-
-def share_run_dir(config) -> None:
-    """Called by RunDirGuard.on_run_start under torchrun, before Hydra writes anything.
-
-    Every rank composes its own config; `${now:...}` in the default run dir can resolve to
-    a different second on each. Rank 0's directory is broadcast and used by all ranks, and
-    ranks > 0 neither snapshot the config (.hydra/) nor write a train.log.
-    """
-    from omegaconf import open_dict
-
-    ctx = current()
-    if not ctx.distributed:
-        return
-    run_dir = broadcast_str(str(config.hydra.run.dir) if ctx.is_main else None, ctx)
-    with open_dict(config):
-        config.hydra.run.dir = run_dir
-        if not ctx.is_main:
-            config.hydra.output_subdir = None
-            config.hydra.job_logging = quiet_logging(ctx.rank)

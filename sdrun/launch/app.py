@@ -1,8 +1,14 @@
-"""`sdrun train`: the Hydra app. One job = check its run directory, hold its lease, train.
+"""`sdrun train`: the Hydra app. One job = its config checked, its run directory checked and
+leased, the run built and fit.
 
-The only layer that knows Hydra: the config is composed here (conf/, sdrun.config's schema),
-the callback in sdrun.launch.guard guards run directories and sweeps, and the job itself
-(`train`) checks the directory, takes the lock and hands the run to the engine.
+Hydra composes the config (conf/, the schema of sdrun.config), runs `-m` sweeps, `--cfg`,
+`--help`; the callback in sdrun.launch.guard acts on run directories before Hydra writes into
+them and on each job's end. Errors reach the user as one line (exit 2): Hydra is asked to
+raise (HYDRA_FULL_ERROR=1 internally) and sdrun formats the error itself; HYDRA_FULL_ERROR=1
+from the user still shows the full traceback.
+
+torch is imported only once a job's config has passed its checks (in `train`), so a bad
+setting is answered in the time Hydra takes to compose.
 """
 
 from __future__ import annotations
@@ -13,35 +19,97 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sdrun.config import ConfigError, validate
-from sdrun.engine import distributed
-from sdrun.engine.loop import fit
-from sdrun.engine.setup import build_run
+from sdrun.config import ConfigError
 from sdrun.errors import UserError, print_error
-from sdrun.launch.runs import check_run_dir
+from sdrun.launch.runs import AlreadyFinished, check_run_dir
 from sdrun.liveness import Lease
-from sdrun.ranks import Context, launched_by_torchrun
+from sdrun.ranks import launched_by_torchrun
+from sdrun.rundir import HEADLINE
+
+USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+# Hydra runs one of these modes per call and raises a bare ValueError (a traceback) on two.
+MODES = {"-m": "-m/--multirun", "--multirun": "-m/--multirun", "-c": "--cfg", "--cfg": "--cfg",
+         "-i": "--info", "--info": "--info", "-r": "--run", "--run": "--run", "-sc": "--shell-completion",
+         "--shell-completion": "--shell-completion"}
 
 
 def main(argv: list[str]) -> int:
-    return run_train(argv)
+    """`sdrun train ARGV`; returns the exit code."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = ["sdrun train", *argv]
+    torchrun = launched_by_torchrun()
+    if torchrun:  # every process runs this; they join one process group before Hydra composes
+        from sdrun.engine import distributed
+        distributed.init()
+    try:
+        check_hydra_modes(argv)
+        hydra_app()
+    except AlreadyFinished as e:  # the run is done (a re-run script, a requeued job): nothing to do
+        print(f"sdrun train: {e}", file=sys.stderr)
+        return 0
+    except user_errors() as e:
+        if USER_FULL_ERROR:
+            raise
+        print_error("sdrun train", e, sweep_note(e))
+        return 2
+    finally:
+        if torchrun:
+            distributed.teardown()
+    return 0
 
 
-def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict:
-    """One run: the config checked, the run directory checked and leased, the run built and fit."""
-    ctx = check_launch(cfg)  # torchrun's rank and world size; one process without torchrun
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
-    with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
-        if ctx.is_main:
-            lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
-        return fit(build_run(cfg, ctx, saved), run_dir, progress)
+def hydra_app() -> None:
+    import hydra
+
+    from sdrun.launch.compose import register_configs
+    from sdrun.launch.guard import GuardStop, JobFailed
+    from sdrun.launch.launchers import register_resolvers
+
+    register_configs()
+    register_resolvers()  # ${local_jobs:} in the hydra/launcher=parallel preset
+
+    failed: list[BaseException] = []  # a single run's error, raised once Hydra has returned
+
+    @hydra.main(version_base="1.3", config_path="pkg://sdrun.conf", config_name="train")
+    def job(cfg: DictConfig) -> float | JobFailed | None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from sdrun.launch.launchers import job_resources
+
+        hc = HydraConfig.get()
+        multirun = hc.mode.name == "MULTIRUN"
+        progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
+        try:
+            with job_resources(cfg, hc):  # a parallel sweep's job: its own GPU, its share of the cores
+                results = train(cfg, hc.runtime.output_dir, progress=progress)
+        except user_errors() as e:
+            if multirun:  # Hydra finishes the other jobs, then the sweep ends with this error
+                raise
+            # Returned, not raised: Hydra would print its own multi-line report of it. The
+            # callback's on_job_end sees it and undoes a failed start.
+            failed.append(e)
+            return JobFailed(e)
+        return None if results is None else results[HEADLINE]
+
+    try:
+        job()
+    except GuardStop as stop:  # the callback refused before Hydra wrote into the run directory
+        raise stop.error from None
+    if failed:
+        raise failed[0]
 
 
-def check_launch(cfg: DictConfig) -> Context:
-    """Validate the config and the process layout; join torchrun's process group if there is one."""
-    validate(cfg)
+def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict | None:
+    """One run: its run directory checked and leased, the run built and fit. Returns
+    results.json's content; None for a finished run in a sweep (a requeued job: nothing to do).
+
+    The config was checked before (sdrun.launch.runs.check_config: by the callback for a run,
+    by the pre-flight for every job of a sweep), so torch is imported only for a good one."""
+    from sdrun.engine import distributed
+    from sdrun.engine.loop import Interrupted, fit
+    from sdrun.engine.setup import build_run
+
     ctx = distributed.init()
     if cfg.batch_size < ctx.world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is the global batch; it must be at least "
@@ -50,54 +118,32 @@ def check_launch(cfg: DictConfig) -> Context:
         # The device path and ImageNet's loader shard each global batch; the CIFAR DataLoader path does not.
         raise ConfigError("torchrun runs use dataset.loader=device for cifar10, cifar100, svhn and digits "
                           "(dataset.loader=dataloader does not shard its batches across processes)")
-    return ctx
-
-
-def _hydra_train() -> None:
-    import hydra
-
-    from sdrun.launch.compose import register_configs
-    from sdrun.launch.launchers import register_resolvers
-
-    register_configs()
-    register_resolvers()  # ${local_jobs:} in the hydra/launcher=parallel preset
-
-    @hydra.main(version_base="1.3", config_path="pkg://sdrun.conf", config_name="train")
-    def app(cfg) -> float | None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from sdrun.launch.launchers import job_resources
-        from sdrun.rundir import HEADLINE
-        from sdrun.launch.guard import undo_failed_start
-        from sdrun.launch.runs import AlreadyFinished
-        from sdrun.engine.loop import Interrupted
-
-        hc = HydraConfig.get()
-        multirun = hc.mode.name == "MULTIRUN"
-        progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        saved = check_run_dir(run_dir, cfg)  # None for a new run; raises if finished or foreign
+    except AlreadyFinished as e:
+        if not is_multirun():
+            raise
+        print(f"sdrun train: {e}", file=sys.stderr)  # a sweep's requeued job: the others go on
+        return None
+    with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
+        if ctx.is_main:
+            lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
         try:
-            with job_resources(cfg, hc):  # a parallel sweep's job: its own GPU, its share of the cores
-                results = train(cfg, hc.runtime.output_dir, progress=progress)
-        except AlreadyFinished as e:  # a requeued job whose run is done: nothing to do
-            print(f"sdrun train: {e}", file=sys.stderr)
-            return None
-        except Interrupted as e:  # preemption or Ctrl-C: stop the whole sweep too
+            return fit(build_run(cfg, ctx, saved), run_dir, progress)
+        except Interrupted as e:  # preemption or Ctrl-C: stop (a sweep too), resumable
             print(f"sdrun train: {e}", file=sys.stderr)
             raise SystemExit(128 + e.signum) from None  # the shell's convention
-        except _user_errors() as e:
-            if not multirun:  # a run that never completed an epoch leaves its directory as it found it
-                undo_failed_start(e)
-            # In a sweep, raise: Hydra finishes the other jobs, then reports which one failed.
-            if multirun or _USER_FULL_ERROR:
-                raise
-            _print_error(e)
-            raise SystemExit(2) from None
-        return results[HEADLINE]
-
-    app()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
     """What `sdrun train` reports on one line: sdrun's own, and Hydra's and OmegaConf's
     composition errors (an unknown key, a value of the wrong type, a bad override)."""
     from hydra.errors import HydraException
@@ -106,87 +152,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, HydraException, OmegaConfBaseException)
 
 
-def _print_error(e: BaseException, note: str = "") -> None:
-    print_error("sdrun train", e, note)
-
-
-# Hydra prints multi-line reports for composition errors; we want one line, so we ask it to
-# raise and format the error ourselves. HYDRA_FULL_ERROR=1 from the user still shows the
-# full traceback.
-_USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def run_train(argv: list[str]) -> int:
-    from sdrun.config import removed_key_error
-    removed = removed_key_error(argv)
-    if removed:  # bf16= and compile= from before `precision` and `speed`: say what replaced them
-        print(f"sdrun train: error: {removed}", file=sys.stderr)
-        return 2
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = ["sdrun train", *argv]
-
-    # Under torchrun every process runs this; they join one process group before Hydra
-    # composes the config, so rank 0 can share its run directory (sdrun/distributed.py).
-    torchrun = launched_by_torchrun()
-    if torchrun:
-        distributed.init()
-    try:
-        return _run_train()
-    finally:
-        if torchrun:
-            distributed.teardown()
-
-
-def _run_train() -> int:
-    from sdrun.launch.guard import GuardStop
-    from sdrun.launch.runs import AlreadyFinished
-
-    try:
-        try:
-            check_hydra_modes(sys.argv[1:])
-            _hydra_train()
-        except GuardStop as stop:  # raised before Hydra wrote anything into the run directory
-            raise stop.error from None
-    except AlreadyFinished as e:
-        print(f"sdrun train: {e}", file=sys.stderr)
-        return 0
-    except _user_errors() as e:
-        if _USER_FULL_ERROR:
-            raise
-        _print_error(e, sweep_note())
-        return 2
-    return 0
-
-
-# Hydra runs one of these modes per call and raises a bare ValueError (a traceback) on two.
-_MODES = {"-m": "-m/--multirun", "--multirun": "-m/--multirun", "-c": "--cfg", "--cfg": "--cfg",
-          "-i": "--info", "--info": "--info", "-r": "--run", "--run": "--run", "-sc": "--shell-completion",
-          "--shell-completion": "--shell-completion"}
-
-
 def check_hydra_modes(argv: list[str]) -> None:
-    from sdrun.config import ConfigError
-
-    used = list(dict.fromkeys(_MODES[a.split("=")[0]] for a in argv if a.split("=")[0] in _MODES))
+    used = list(dict.fromkeys(MODES[a.split("=")[0]] for a in argv if a.split("=")[0] in MODES))
     if len(used) > 1:
         raise ConfigError(f"{' and '.join(used)} cannot be combined (Hydra does one of them per call); to see the "
                           "config of one job of a sweep (or its launcher settings), drop -m and give one value "
                           "per key, e.g. sdrun train pL=0.5 seed=1 --cfg job (or --cfg hydra)")
 
 
-def sweep_note() -> str:
-    """For a sweep that ended with failed jobs: how many, and where the summary is."""
+def sweep_note(error: BaseException) -> str:
+    """For a sweep that ended with failed jobs: how many, and where the summary is (the failed
+    job's error names it: sdrun.launch.guard.RunDirGuard.on_job_end)."""
     import json
 
-    from sdrun.launch import guard
-
-    if guard.LAST_SWEEP_SUMMARY is None or not guard.LAST_SWEEP_SUMMARY.is_file():
+    path = getattr(error, "sweep_summary", None)
+    if path is None or not Path(path).is_file():
         return ""
-    jobs = json.loads(guard.LAST_SWEEP_SUMMARY.read_text())["jobs"]
+    jobs = json.loads(Path(path).read_text())["jobs"]
     failed = [f"job {j['num']} ({','.join(j['overrides'])})" for j in jobs if j["status"] == "failed"]
     if not failed:
         return ""
     return (f" [sweep: {len(failed)} of {len(jobs)} jobs failed: {'; '.join(failed)}; the others' results "
-            f"are kept; see {guard.LAST_SWEEP_SUMMARY}]")
-
-
+            f"are kept; see {path}]")

@@ -1,12 +1,18 @@
-"""The Hydra callback that guards run directories and sweeps (conf/train.yaml registers it).
+"""The Hydra callback that guards run directories and sweeps (conf/train.yaml registers it):
+what only a callback can do, because it runs before Hydra writes into a directory or after a job.
 
 - `RunDirGuard.on_run_start` checks a single run's directory *before* Hydra writes its
-  .hydra/ snapshot into it (sdrun.launch.runs.check_run_dir), so a bad invocation never touches an
-  existing run, and remembers what was there so that a run that fails before its first epoch
-  leaves no trace (`undo_failed_start`); with check=true it reports and stops (sdrun.launch.preflight).
+  .hydra/ snapshot into it (sdrun.launch.runs.check_run_dir: finished, another config's, busy),
+  so a bad invocation never touches an existing run, and remembers what was there; with
+  check=true it reports and stops (sdrun.launch.preflight). Under torchrun every rank takes
+  rank 0's run directory (`share_run_dir`).
 - `RunDirGuard.on_multirun_start` checks every job of a sweep before the first starts.
-- `RunDirGuard.on_job_end` keeps `sweep_summary.json` in a multirun's sweep directory,
-  so a failed job is recorded with its overrides and error while the others finish.
+- `RunDirGuard.on_job_end`: a single run that failed on bad input before its first epoch
+  leaves its directory as it was found (`StartSnapshot.undo`); a sweep's job is recorded in
+  `sweep_summary.json` with its overrides and error while the others finish.
+
+A callback's Exception is turned into a warning by Hydra, so a refusal leaves on_run_start as
+the BaseException `GuardStop`, which sdrun.launch.app unwraps into a one-line error.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ from typing import Any, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdrun.config import ConfigError, validate
-from sdrun.errors import one_line
+from sdrun.config import ConfigError
+from sdrun.errors import UserError, one_line
 from sdrun.files import write_json
 from sdrun.liveness import refuse_if_busy
-from sdrun.launch.runs import check_run_dir, resume_dir
-from sdrun.ranks import env_rank
+from sdrun.launch.runs import check_config, check_run_dir, resume_dir
+from sdrun.ranks import env_rank, launched_by_torchrun
 from sdrun.rundir import SWEEP_SUMMARY
 
 
@@ -41,14 +47,25 @@ class GuardStop(BaseException):
         self.error = error
 
 
+@dataclass
+class JobFailed:
+    """What a single run's job returns when it ends on an error that sdrun reports on one line
+    (sdrun.launch.app): on_job_end undoes the failed start, then the app raises the error."""
+    error: BaseException
+
+
 class RunDirGuard(Callback):
+    """What only a callback can do: act on a run's directory before Hydra writes into it, and
+    on each job's end. Everything else (the config's checks, training) is the job's."""
+
+    def __init__(self) -> None:
+        self.start: StartSnapshot | None = None  # the run directory as it was, for a failed start
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global RUN_START
-        RUN_START = None
+        """A single run: its directory checked before Hydra writes its .hydra/ snapshot there,
+        so a bad invocation never touches an existing run; with check=true, report and stop."""
         try:
-            validate(config)
-            from sdrun.engine.distributed import current, share_run_dir
-            from sdrun.ranks import launched_by_torchrun
+            check_config(config)  # the config's one check, before anything is written
             if config.check and launched_by_torchrun():
                 raise ConfigError("check=true runs in one process; run it without torchrun")
             # Before torchrun's other ranks can create rank 0's directory (share_run_dir lets them go on).
@@ -66,17 +83,16 @@ class RunDirGuard(Callback):
                 from sdrun.launch.preflight import report
                 report([(None, task_cfg, Path(config.hydra.run.dir))])
                 raise SystemExit(0)
-            if current().is_main:  # only rank 0 writes into the run directory, so only it undoes
-                RUN_START = StartSnapshot.take(Path(config.hydra.run.dir), created, config.hydra.output_subdir)
+            if env_rank() == 0:  # only rank 0 writes into the run directory, so only it undoes
+                self.start = StartSnapshot.take(Path(config.hydra.run.dir), created, config.hydra.output_subdir)
         except Exception as e:
             raise GuardStop(e) from e
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from sdrun.ranks import launched_by_torchrun
+        """Every job of the sweep composed and checked before Hydra creates the sweep directory."""
         if launched_by_torchrun():
             raise GuardStop(ConfigError("sdrun train -m under torchrun: a sweep's jobs are separate runs; "
                                         "launch the sweep without torchrun (hydra/launcher=parallel or slurm)"))
-        # Every job composed and checked before Hydra creates the sweep directory (sdrun.launch.preflight).
         try:
             from sdrun.launch.preflight import check_sweep, report
             jobs = check_sweep(config)
@@ -87,19 +103,21 @@ class RunDirGuard(Callback):
                 raise SystemExit(0)
         except Exception as e:
             raise GuardStop(e) from e
-        # Jobs may write the summary from other processes (joblib, submitit); the CLI, in this
-        # process, needs to know where it is to name failed jobs.
-        global LAST_SWEEP_SUMMARY
-        LAST_SWEEP_SUMMARY = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        error = job_return._return_value if job_return.status.name != "COMPLETED" else None
         if config.hydra.mode is None or config.hydra.mode.name != "MULTIRUN":
+            # A single run stopped by bad input before its first epoch completed leaves its
+            # directory as it was found (removed if this run created it).
+            returned = job_return._return_value
+            if self.start is not None and isinstance(returned, JobFailed) and is_bad_input(returned.error):
+                self.start.undo()
+            self.start = None
             return
         summary_path = Path(config.hydra.sweep.dir) / SWEEP_SUMMARY
-        failed = job_return.status.name != "COMPLETED"
         job = {"num": config.hydra.job.num, "overrides": list(job_return.overrides or []),
-               "dir": config.hydra.runtime.output_dir, "status": "failed" if failed else "finished",
-               "error": one_line(job_return._return_value) if failed else None}
+               "dir": config.hydra.runtime.output_dir, "status": "failed" if error is not None else "finished",
+               "error": one_line(error) if error is not None else None}
         # Parallel launchers end jobs in several processes at once: read-modify-write under
         # an exclusive lock. A requeued job (SLURM preemption) replaces its earlier entry.
         with locked(summary_path.with_name(f".{SWEEP_SUMMARY}.lock")):
@@ -110,10 +128,55 @@ class RunDirGuard(Callback):
             jobs = [j for j in summary["jobs"] if j["num"] != job["num"]] + [job]
             jobs.sort(key=lambda j: j["num"])
             write_json(summary_path, {"jobs": jobs, "failed": sum(j["status"] == "failed" for j in jobs)})
-        global LAST_SWEEP_SUMMARY
-        LAST_SWEEP_SUMMARY = summary_path
+        if isinstance(error, BaseException):
+            # The sweep ends by raising the first failed job's error (in this process or, from
+            # another launcher's worker, unpickled with it): it names its summary for the CLI.
+            error.sweep_summary = str(summary_path)
 
 
+def is_bad_input(error: BaseException | None) -> bool:
+    """An error the user's input caused (a config value, missing data, a busy or foreign run
+    directory). A non-finite loss is not: that run did start, and keeps its directory
+    (train.log) like any run that failed while training."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(error, (UserError, HydraException, OmegaConfBaseException)) \
+        and not isinstance(error, FloatingPointError)
+
+
+# ---------------------------------------------------------------- Hydra under torchrun
+
+def quiet_logging(rank: int) -> dict:
+    """Hydra job_logging for ranks > 0: warnings and errors on the console, no train.log of
+    their own and no second writer on rank 0's."""
+    return {"version": 1, "disable_existing_loggers": False,
+            "formatters": {"simple": {"format": f"[rank {rank}][%(levelname)s] %(message)s"}},
+            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple",
+                                     "stream": "ext://sys.stderr"}},
+            "root": {"level": "WARNING", "handlers": ["console"]}}
+
+
+def share_run_dir(config) -> None:
+    """Under torchrun, before Hydra writes anything (RunDirGuard.on_run_start).
+
+    Every rank composes its own config; `${now:...}` in the default run dir can resolve to
+    a different second on each. Rank 0's directory is broadcast and used by all ranks, and
+    ranks > 0 neither snapshot the config (.hydra/) nor write a train.log.
+    """
+    if not launched_by_torchrun():
+        return
+    from sdrun.engine import distributed  # torch's process group: only under torchrun
+
+    ctx = distributed.current()
+    if not ctx.distributed:
+        return
+    run_dir = distributed.broadcast_str(str(config.hydra.run.dir) if ctx.is_main else None, ctx)
+    with open_dict(config):
+        config.hydra.run.dir = run_dir
+        if not ctx.is_main:
+            config.hydra.output_subdir = None
+            config.hydra.job_logging = quiet_logging(ctx.rank)
 
 
 @contextmanager
@@ -128,7 +191,6 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-LAST_SWEEP_SUMMARY: Path | None = None  # the CLI names it when a sweep ends with failed jobs
 
 
 # ---------------------------------------------------------------- a run that never started
@@ -234,18 +296,3 @@ def close_log_files(run_dir: Path) -> None:
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
                 lg.removeHandler(handler)
                 handler.close()
-
-
-def undo_failed_start(error: BaseException) -> None:
-    """A single run stopped by bad input before its first epoch completed: leave its directory
-    as it was found (removed if this run created it). Called by the CLI on a user error.
-
-    A non-finite loss is not bad input but what training produced: that run did start, and
-    keeps its directory (train.log) like any run that failed while training."""
-    global RUN_START
-    snapshot, RUN_START = RUN_START, None
-    if snapshot is not None and not isinstance(error, FloatingPointError):
-        snapshot.undo()
-
-
-RUN_START: StartSnapshot | None = None  # set by RunDirGuard.on_run_start for the run in progress

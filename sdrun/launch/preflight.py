@@ -5,7 +5,7 @@ before it spends GPU hours.
   BasicSweeper's expansion of the preset's `hydra.sweeper.params` plus the command line's
   sweep overrides (the command line wins for a key in both), each job's config composed by
   Hydra's config loader exactly as the launcher will compose it.
-- `job_problem` checks one composed job without training: `validate` (ranges, depth for
+- `job_problem` checks one composed job without training: `check_config` (ranges, depth for
   the architecture, device available), the dataset's files present and readable
   (`sdrun.data.readers.find_data`), and its run directory not holding another config's run.
 - `check_sweep` (RunDirGuard.on_multirun_start) runs both for every job: if any would fail,
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sdrun.config import ConfigError, flatten, to_plain, validate
+from sdrun.config import ConfigError, flatten, to_plain
 from sdrun.errors import UserError, one_line, print_error
 from sdrun.launch.sweeps import BASIC_SWEEPER, expand_sweep
 
@@ -90,18 +90,15 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
                 data_cache: dict | None = None) -> str | None:
     """Why this job would fail before training, or None. `device_here=False` for launchers
     that run the job on another machine (SLURM): its device is not checked here."""
+    from sdrun.launch.runs import AlreadyFinished, check_config, check_run_dir
+
     try:
-        validate(cfg)
+        check_config(cfg, device_here)
     except ConfigError as e:
         return str(e)
     # Imported after the range checks: torch takes seconds to import, which a sweep with a bad
     # value should not wait for.
     from sdrun.data.readers import find_data
-    from sdrun.engine.runtime import device_problem
-    from sdrun.launch.runs import AlreadyFinished, check_run_dir
-
-    if device_here and device_problem(cfg.device):
-        return device_problem(cfg.device)
 
     ds = cfg.dataset
     key = (ds.name, ds.root, str(ds.format), ds.download)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain
+from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain, validate
 from sdrun.rundir import FINISHED, RESULTS, read_results
 from sdrun.engine.state import CheckpointError, SavedRun
 from sdrun.rundir import CHECKPOINT
@@ -56,6 +56,19 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> SavedRun | None:
         raise CheckpointError(f"{run_dir} belongs to another config ({'; '.join(diffs)}); "
                               f"use the run's own settings to resume it, or another hydra.run.dir")
     return saved
+
+
+def check_config(cfg: DictConfig, device_here: bool = True) -> None:
+    """A run's config checked before anything starts (a single run: RunDirGuard.on_run_start,
+    before Hydra writes; a sweep: the pre-flight, every job before the first starts): its values
+    (sdrun.config.validate) and, unless the job runs on another machine, its device."""
+    validate(cfg)
+    if device_here and str(cfg.device) not in ("auto", "cpu"):
+        from sdrun.engine.runtime import device_problem  # torch: only for a device it must ask about
+
+        problem = device_problem(cfg.device)
+        if problem:
+            raise ConfigError(problem)
 
 
 def resume_dir(resume: str) -> Path:
