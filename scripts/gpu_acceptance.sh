@@ -40,30 +40,22 @@
 # --data: a CIFAR-10 image-folder root, or a zip of one (default gpu_bundle/cifar10-subset.zip).
 # --bundle: the bundle folder (default gpu_bundle/). PYTHON=...: the interpreter (default
 # python3 on the GPU, .venv/bin/python in smoke mode).
+#
+# The plan arithmetic, the step runner (limits, carry-over, deadline), argument parsing, the
+# bundle check and the report plumbing are shared with call 2: scripts/gpu_steps.sh.
 set -uo pipefail
 START=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/scripts/gpu_steps.sh"
+SCRIPT=gpu_acceptance
 USAGE="usage: scripts/gpu_acceptance.sh OUT_DIR [--cpu-smoke] [--data ZIP_OR_DIR] [--bundle DIR] | --plan [--cpu-smoke]"
-OUT_DIR= SMOKE=0 PLAN_ONLY=0 DATA= BUNDLE=$REPO/gpu_bundle
-while (($#)); do
-    case $1 in
-        --cpu-smoke) SMOKE=1 ;;
-        --plan) PLAN_ONLY=1 ;;
-        --data|--bundle)
-            [[ $# -ge 2 && -n $2 ]] || { echo "gpu_acceptance: error: $1 needs a path" >&2; exit 2; }
-            [[ $1 == --data ]] && DATA=$2 || BUNDLE=$2
-            shift ;;
-        -*) echo "gpu_acceptance: error: unknown option $1 ($USAGE)" >&2; exit 2 ;;
-        *) [[ -z $OUT_DIR ]] || { echo "gpu_acceptance: error: one OUT_DIR only, got $OUT_DIR and $1" >&2; exit 2; }
-           OUT_DIR=$1 ;;
-    esac
-    shift
-done
+DATA= BUNDLE=$REPO/gpu_bundle
+declare -A PATH_OPTIONS=([--data]=DATA [--bundle]=BUNDLE)
+parse_args "$@"
 DATA=${DATA:-$BUNDLE/cifar10-subset.zip}
 
-# ---- the plan: the one source of every step's limit. --plan prints it; step() reads its
-# limit from here (a floor: a step also gets the time the steps before it left unused); the
-# deadline below is derived from it. Limits are estimates for the H200 (launch-bound
+# ---- the plan: the one source of every step's limit (how step() uses it: scripts/gpu_steps.sh;
+# --plan prints it). Limits are estimates for the H200 (launch-bound
 # ResNet-110: ~25-40 ms per eager training step at batch 128; python + torch + sdrun start
 # ~5 s per process), with margin; they are not measurements.
 BUDGET=360   # the issue's 6 minutes of command time for this call
@@ -87,71 +79,9 @@ compile    rest  the compile tests of both files (cold inductor compiles: 60-150
 # every step runs, not how fast; each takes 2-10 s there), the run the sum of them.
 SMOKE_LIMIT=60
 
-plan_rows() { printf '%s\n' "$PLAN_GPU" | awk 'NF { print $1, $2 }'; }
-plan_limit() {  # plan_limit NAME: its limit in this mode ("rest" for the elastic step on the GPU)
-    local limit
-    limit=$(plan_rows | awk -v n="$1" '$1 == n { print $2 }')
-    [[ -n $limit ]] || { echo "gpu_acceptance: internal error: step $1 is not in the plan" >&2; exit 3; }
-    ((SMOKE)) && limit=$SMOKE_LIMIT
-    echo "$limit"
-}
-fixed_total() {  # the reserve and every limit but the elastic step's
-    local sum=$RESERVE name limit
-    for name in $(plan_rows | awk '{ print $1 }'); do
-        limit=$(plan_limit "$name")
-        [[ $limit == rest ]] || sum=$(( sum + limit ))
-    done
-    echo "$sum"
-}
-budget() { ((SMOKE)) && fixed_total || echo "$BUDGET"; }
-rest_share() { local r=$(( $(budget) - $(fixed_total) )); echo $(( r > 0 ? r : 0 )); }  # the elastic step's planned seconds
-reserved_after() {  # reserved_after NAME: the plan seconds still owed to the steps after NAME and to the reports
-    local sum=0 after=0 name limit
-    for name in $(plan_rows | awk '{ print $1 }'); do
-        limit=$(plan_limit "$name")
-        [[ $limit == rest ]] && limit=$(rest_share)
-        if ((after)) || [[ $name == reports ]]; then sum=$(( sum + limit )); fi
-        [[ $name == "$1" ]] && after=1
-    done
-    echo "$sum"
-}
-plan_steps() { plan_rows | awk '$1 != "reports" { print $1 }' | paste -sd, -; }  # "reports" is an allowance, not a step
-print_plan() {
-    local name limit what fixed rest
-    fixed=$(fixed_total) rest=$(rest_share)
-    echo "gpu_acceptance plan, $( ((SMOKE)) && echo "cpu-smoke mode (every step ${SMOKE_LIMIT} s; the notes are the GPU run's)" || echo gpu mode): steps in order, each with its time limit (a floor: a step also gets what the steps before it left unused)"
-    while read -r name limit what; do
-        [[ -n $name ]] || continue
-        limit=$(plan_limit "$name")
-        if [[ $limit == rest ]]; then
-            printf '  %-11s %4s s + the time the steps above leave unused (skipped under %s s): %s\n' "$name" "$rest" "$MIN_REST" "$what"
-        else
-            printf '  %-11s %4s s  %s\n' "$name" "$limit" "$what"
-        fi
-    done <<< "$PLAN_GPU"
-    printf '  %-11s %4s s  after the deadline: the last report, the archive, timeout'"'"'s grace\n' final "$RESERVE"
-    echo "total: $(( fixed + rest )) s"
-}
-if ((PLAN_ONLY)); then
-    print_plan
-    exit 0
-fi
-[[ -n $OUT_DIR ]] || { echo "gpu_acceptance: error: no OUT_DIR ($USAGE)" >&2; exit 2; }
-
-# ---- the bundle must be this checkout's (GPU mode): a stale sdrun wheel would be tested
-# silently. Bash and sha256sum only (the checkout may arrive without .git).
-if ! ((SMOKE)); then
-    verdict=$(bash "$REPO/scripts/gpu_bundle.sh" --check "$BUNDLE" 2>&1) \
-        || { echo "gpu_acceptance: error: $verdict" >&2; exit 2; }
-fi
-
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/sdrun_gpu.XXXXXX")
-LOG=$OUT_DIR/acceptance.log
-exec > >(tee -a "$LOG") 2>&1
-export PYTHONUNBUFFERED=1
-DEADLINE=$(( $(budget) - RESERVE ))  # seconds from START by which every step has ended
+plan_or_out_dir
+check_bundle
+start_run sdrun_gpu acceptance.log
 
 # ---- the prediction for step train_b, written down before any GPU run (issue 12).
 # ResNet-110, p_L = 0.5 linear, 20,000 training images (25,000 of the subset less the 5,000
@@ -194,72 +124,14 @@ else
 fi
 RUNS=$WORK/runs
 mkdir -p "$RUNS"
-: > "$WORK/steps.tsv"
-echo "gpu_acceptance: $( ((SMOKE)) && echo cpu-smoke || echo gpu ) mode, out $OUT_DIR, work $WORK, $(date -u +%FT%TZ)"
-((SMOKE)) || echo "gpu_acceptance: $verdict"
 
-record() {  # record NAME RC MS LIMIT [NOTE]: one line of steps.tsv (the report reads it), with the plan's limit
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" "$(plan_limit "$1")" >> "$WORK/steps.tsv"
-}
-
-skip() {  # skip NAME REASON: a step that cannot run in this mode, recorded with its reason
-    echo "---- $1: skipped: $2"
-    record "$1" -2 0 0 "skipped: $2"
-}
-
-step() {  # step NAME CMD...: run from the work folder within its limit and the deadline
-    # Its limit: the plan's, plus whatever the steps before it left unused, but never the time
-    # owed to the steps after it (their plan limits and the reports' allowance stay theirs); the
-    # elastic step ("rest") gets all that is left. So every step keeps at least its plan limit
-    # (as long as the reports keep to their allowance), and time saved early goes to the next
-    # step, the more valuable one, if it needs it.
-    local name=$1 plan limit left min t0 rc
-    shift
-    plan=$(plan_limit "$name") || exit 3
-    left=$(( DEADLINE - ($(date +%s) - START) ))
-    if [[ $plan == rest ]]; then
-        limit=$left min=$MIN_REST
-    else
-        limit=$(( left - $(reserved_after "$name") )) min=10
-        (( limit < plan )) && limit=$plan
-        (( limit > left )) && limit=$left
-    fi
-    if (( limit < min )); then
-        echo "---- $name: skipped, ${left}s left before the ${DEADLINE}s deadline (it needs ${min}s)"
-        record "$name" -1 0 "$(( left > 0 ? left : 0 ))" "skipped: out of time"
-        return 0
-    fi
-    t0=$(date +%s%N)
-    echo "---- $name (limit ${limit}s): $*"
-    # Its output also goes to WORK/NAME.log (the report reads pytest's from there when a
-    # timeout kept pytest from writing its junit file).
-    (cd "$WORK" && timeout --kill-after=5 "$limit" "$@") 2>&1 | tee "$WORK/$name.log"
-    rc=${PIPESTATUS[0]}
-    record "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" "$limit"
-    echo "---- $name: exit $rc"
-    return 0
-}
-
-report() {  # both reports from what has finished; atomic, so a kill mid-write keeps the last
-    local extra=()
-    ((SMOKE)) || extra=(--stamp "$BUNDLE/STAMP")
-    timeout 60 "$PY" "$REPO/scripts/gpu_report.py" --work "$WORK" --out "$OUT_DIR" \
-        --mode "$( ((SMOKE)) && echo cpu-smoke || echo gpu )" \
-        --predicted "$PREDICTED_ERROR" "$PREDICTED_LOW" "$PREDICTED_HIGH" --elapsed "$(( $(date +%s) - START ))" \
-        --train-a "${TRAIN_A[*]}" --train-b "${TRAIN_B[*]}" --expect-steps "$(plan_steps)" "${extra[@]}" \
-        || echo "gpu_acceptance: report failed (exit $?)"
+report() {  # gpu_report.json and gpu_report.md from what has finished
+    run_report --predicted "$PREDICTED_ERROR" "$PREDICTED_LOW" "$PREDICTED_HIGH" \
+        --train-a "${TRAIN_A[*]}" --train-b "${TRAIN_B[*]}"
 }
 
 # ---- install (GPU mode), data: the wheels, the images, the installed sdrun importable
-if ((SMOKE)); then
-    skip install "cpu-smoke runs the interpreter's own sdrun"
-else
-    SITE=$WORK/site
-    step install "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target "$SITE" "$BUNDLE"/wheels/*.whl
-    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
-cp -r "$REPO/tests" "$REPO/pyproject.toml" "$WORK/"
+step_install  # the step install (scripts/gpu_steps.sh): the wheels; tests/ into the work folder
 if [[ $DATA == *.zip ]]; then
     DATA_DIR=$WORK/cifar10
 else
@@ -321,8 +193,4 @@ report
  find . -maxdepth 1 \( -name 'bench_*.json' -o -name 'speed_*.json' -o -name 'pytest*.xml' -o -name steps.tsv \
     -o -name env.json \) -print0 >> files.list
  tar --null -czf "$OUT_DIR/runs.tar.gz" -T files.list)
-echo "gpu_acceptance: done in $(( $(date +%s) - START )) s; $(ls "$OUT_DIR" | wc -l) files in $OUT_DIR"
-# The work folder (35k unpacked images) is left on the lent machine, which is discarded anyway:
-# deleting it there would only spend device time. Elsewhere it is removed.
-((SMOKE)) && rm -rf "$WORK"
-exit 0
+finish

@@ -31,28 +31,21 @@
 # take ~40 s on 2 cores; the compile tests are collected and skip themselves without CUDA). CI
 # runs it (tests/test_gpu_acceptance.py). PYTHON=...: the interpreter (default python3 on the
 # GPU, .venv/bin/python in smoke mode).
+#
+# The plan arithmetic, the step runner (limits, carry-over, deadline), argument parsing, the
+# bundle check and the report plumbing are shared with call 1: scripts/gpu_steps.sh.
 set -uo pipefail
 START=$(date +%s)
 REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$REPO/scripts/gpu_steps.sh"
+SCRIPT=gpu_speed
 USAGE="usage: scripts/gpu_speed.sh OUT_DIR [--cpu-smoke] [--bundle DIR] | --plan [--cpu-smoke]"
-OUT_DIR= SMOKE=0 PLAN_ONLY=0 BUNDLE=$REPO/gpu_bundle
-while (($#)); do
-    case $1 in
-        --cpu-smoke) SMOKE=1 ;;
-        --plan) PLAN_ONLY=1 ;;
-        --bundle)
-            [[ $# -ge 2 && -n $2 ]] || { echo "gpu_speed: error: --bundle needs a path" >&2; exit 2; }
-            BUNDLE=$2
-            shift ;;
-        -*) echo "gpu_speed: error: unknown option $1 ($USAGE)" >&2; exit 2 ;;
-        *) [[ -z $OUT_DIR ]] || { echo "gpu_speed: error: one OUT_DIR only, got $OUT_DIR and $1" >&2; exit 2; }
-           OUT_DIR=$1 ;;
-    esac
-    shift
-done
+BUNDLE=$REPO/gpu_bundle
+declare -A PATH_OPTIONS=([--bundle]=BUNDLE)
+parse_args "$@"
 
-# ---- the plan: the one source of every step's limit (as in scripts/gpu_acceptance.sh: a
-# floor, a step also gets the time the steps before it left unused).
+# ---- the plan: the one source of every step's limit (a floor, a step also gets the time the
+# steps before it left unused: scripts/gpu_steps.sh).
 # Estimates for the H200, not measurements: spawned python + torch + sdrun ~5 s per process,
 # an eager ResNet-110 step at batch 128 ~25-40 ms (launch-bound), a cold inductor compile of
 # one branch graph (forward + backward) ~5-10 s after ~10 s of first use.
@@ -69,69 +62,9 @@ compile_tests  rest  the compile tests of both files (cold inductor compiles: 60
 "
 SMOKE_LIMIT=60  # --cpu-smoke: every step (each takes 2-10 s on 2 loaded cores), the run the sum
 
-plan_rows() { printf '%s\n' "$PLAN_GPU" | awk 'NF { print $1, $2 }'; }
-plan_limit() {  # plan_limit NAME: its limit in this mode ("rest" for the elastic step on the GPU)
-    local limit
-    limit=$(plan_rows | awk -v n="$1" '$1 == n { print $2 }')
-    [[ -n $limit ]] || { echo "gpu_speed: internal error: step $1 is not in the plan" >&2; exit 3; }
-    ((SMOKE)) && limit=$SMOKE_LIMIT
-    echo "$limit"
-}
-fixed_total() {  # the reserve and every limit but the elastic step's
-    local sum=$RESERVE name limit
-    for name in $(plan_rows | awk '{ print $1 }'); do
-        limit=$(plan_limit "$name")
-        [[ $limit == rest ]] || sum=$(( sum + limit ))
-    done
-    echo "$sum"
-}
-budget() { ((SMOKE)) && fixed_total || echo "$BUDGET"; }
-rest_share() { local r=$(( $(budget) - $(fixed_total) )); echo $(( r > 0 ? r : 0 )); }  # the elastic step's planned seconds
-reserved_after() {  # reserved_after NAME: the plan seconds still owed to the steps after NAME and to the reports
-    local sum=0 after=0 name limit
-    for name in $(plan_rows | awk '{ print $1 }'); do
-        limit=$(plan_limit "$name")
-        [[ $limit == rest ]] && limit=$(rest_share)
-        if ((after)) || [[ $name == reports ]]; then sum=$(( sum + limit )); fi
-        [[ $name == "$1" ]] && after=1
-    done
-    echo "$sum"
-}
-plan_steps() { plan_rows | awk '$1 != "reports" { print $1 }' | paste -sd, -; }  # "reports" is an allowance, not a step
-print_plan() {
-    local name limit what fixed rest
-    fixed=$(fixed_total) rest=$(rest_share)
-    echo "gpu_speed plan, $( ((SMOKE)) && echo "cpu-smoke mode (every step ${SMOKE_LIMIT} s; the notes are the GPU run's)" || echo gpu mode): steps in order, each with its time limit (a floor: a step also gets what the steps before it left unused)"
-    while read -r name limit what; do
-        [[ -n $name ]] || continue
-        limit=$(plan_limit "$name")
-        if [[ $limit == rest ]]; then
-            printf '  %-14s %4s s + the time the steps above leave unused (skipped under %s s): %s\n' "$name" "$rest" "$MIN_REST" "$what"
-        else
-            printf '  %-14s %4s s  %s\n' "$name" "$limit" "$what"
-        fi
-    done <<< "$PLAN_GPU"
-    printf '  %-14s %4s s  after the deadline: the last report, the archive, timeout'"'"'s grace\n' final "$RESERVE"
-    echo "total: $(( fixed + rest )) s"
-}
-if ((PLAN_ONLY)); then
-    print_plan
-    exit 0
-fi
-[[ -n $OUT_DIR ]] || { echo "gpu_speed: error: no OUT_DIR ($USAGE)" >&2; exit 2; }
-
-# ---- the bundle must be this checkout's (GPU mode; bash and sha256sum only, no .git needed)
-if ! ((SMOKE)); then
-    verdict=$(bash "$REPO/scripts/gpu_bundle.sh" --check "$BUNDLE" 2>&1) \
-        || { echo "gpu_speed: error: $verdict" >&2; exit 2; }
-fi
-
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/sdrun_speed.XXXXXX")
-exec > >(tee -a "$OUT_DIR/speed.log") 2>&1
-export PYTHONUNBUFFERED=1
-DEADLINE=$(( $(budget) - RESERVE ))  # seconds from START by which every step has ended
+plan_or_out_dir
+check_bundle
+start_run sdrun_speed speed.log
 
 if ((SMOKE)); then
     PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -151,67 +84,13 @@ else
     # compiled) before the timed steps, also the p_L 0.5 model's rarely drawn last blocks.
     COMPILE=(--speed eager,compile --steps 10 --repeats 3 --compile-warmup 10)
 fi
-: > "$WORK/steps.tsv"
-echo "gpu_speed: $( ((SMOKE)) && echo cpu-smoke || echo gpu ) mode, out $OUT_DIR, work $WORK, $(date -u +%FT%TZ)"
-((SMOKE)) || echo "gpu_speed: $verdict"
 
-record() {  # record NAME RC MS LIMIT [NOTE]: one line of steps.tsv (the report reads it), with the plan's limit
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" "$(plan_limit "$1")" >> "$WORK/steps.tsv"
-}
-
-skip() {  # skip NAME REASON: a step that cannot run in this mode, recorded with its reason
-    echo "---- $1: skipped: $2"
-    record "$1" -2 0 0 "skipped: $2"
-}
-
-step() {  # step NAME CMD...: run from the work folder within its limit and the deadline
-    # Its limit: the plan's, plus whatever the steps before it left unused, but never the time
-    # owed to the steps after it (their plan limits and the reports' allowance stay theirs); the
-    # elastic step ("rest") gets all that is left. So every step keeps at least its plan limit
-    # (as long as the reports keep to their allowance), and time saved early goes to the next
-    # step, the more valuable one, if it needs it.
-    local name=$1 plan limit left min t0 rc
-    shift
-    plan=$(plan_limit "$name") || exit 3
-    left=$(( DEADLINE - ($(date +%s) - START) ))
-    if [[ $plan == rest ]]; then
-        limit=$left min=$MIN_REST
-    else
-        limit=$(( left - $(reserved_after "$name") )) min=10
-        (( limit < plan )) && limit=$plan
-        (( limit > left )) && limit=$left
-    fi
-    if (( limit < min )); then
-        echo "---- $name: skipped, ${left}s left before the ${DEADLINE}s deadline (it needs ${min}s)"
-        record "$name" -1 0 "$(( left > 0 ? left : 0 ))" "skipped: out of time"
-        return 0
-    fi
-    t0=$(date +%s%N)
-    echo "---- $name (limit ${limit}s): $*"
-    (cd "$WORK" && timeout --kill-after=5 "$limit" "$@") 2>&1 | tee "$WORK/$name.log"
-    rc=${PIPESTATUS[0]}
-    record "$name" "$rc" "$(( ($(date +%s%N) - t0) / 1000000 ))" "$limit"
-    echo "---- $name: exit $rc"
-    return 0
-}
-
-report() {  # both reports from what has finished; atomic, so a kill mid-write keeps the last
-    local extra=()
-    ((SMOKE)) || extra=(--stamp "$BUNDLE/STAMP")
-    timeout 60 "$PY" "$REPO/scripts/gpu_report.py" --call speed --work "$WORK" --out "$OUT_DIR" \
-        --mode "$( ((SMOKE)) && echo cpu-smoke || echo gpu )" --elapsed "$(( $(date +%s) - START ))" \
-        --expect-steps "$(plan_steps)" "${extra[@]}" || echo "gpu_speed: report failed (exit $?)"
+report() {  # speed_report.json and speed_report.md from what has finished
+    run_report --call speed
 }
 
 # ---- install (GPU mode): the wheels; the tests run from the work folder against them
-if ((SMOKE)); then
-    skip install "cpu-smoke runs the interpreter's own sdrun"
-else
-    step install "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target "$WORK/site" "$BUNDLE"/wheels/*.whl
-    export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-cp -r "$REPO/tests" "$REPO/pyproject.toml" "$WORK/"
+step_install  # the step install (scripts/gpu_steps.sh): the wheels; tests/ into the work folder
 report
 
 # ---- K concurrent training processes sharing the device
@@ -232,6 +111,4 @@ step compile_tests "$PY" -m pytest -v -m cuda -k compile -p no:cacheprovider --j
 report
 (cd "$WORK" && find . -maxdepth 1 \( -name 'bench_*.json' -o -name 'pytest*.xml' -o -name steps.tsv \
     -o -name env.json \) -print0 | tar --null -czf "$OUT_DIR/speed_raw.tar.gz" -T -)
-echo "gpu_speed: done in $(( $(date +%s) - START )) s; $(ls "$OUT_DIR" | wc -l) files in $OUT_DIR"
-((SMOKE)) && rm -rf "$WORK"
-exit 0
+finish
