@@ -184,7 +184,7 @@ def test_the_bundle_stamp_matches_its_sources_and_nothing_else(tmp_path):
     r = subprocess.run([*bundle_sh, "--check", str(bundle)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("bundle matches this checkout"), r.stderr
 
-    (tree / "sdrun" / "bench.py").write_text((tree / "sdrun" / "bench.py").read_text() + "# edited after the bundle\n")
+    (tree / "sdrun" / "tools" / "bench.py").write_text((tree / "sdrun" / "tools" / "bench.py").read_text() + "# edited after the bundle\n")
     r = subprocess.run([*bundle_sh, "--check", str(bundle)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1
     assert r.stderr.startswith(f"stale bundle: {bundle}/STAMP was built from other sdrun sources")
