@@ -38,6 +38,9 @@ examples:
 """
 
 
+# Each subcommand's module is imported inside its runner, only when it runs: `sdrun status`
+# never pays for torch, nor `sdrun train` for matplotlib.
+
 def run_table(argv: list[str]) -> int:
     from sdrun.report.tables import main
     return main(argv)

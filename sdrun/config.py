@@ -44,8 +44,6 @@ class Toggle(Choice):
     off = "off"
 
 
-
-
 class Precision(Choice):
     """Training arithmetic (sdrun.engine.runtime): auto = tf32 on CUDA, fp32 on the CPU."""
     auto = "auto"
@@ -288,9 +286,9 @@ def validate(cfg: DictConfig | Any) -> None:
 
 # Settings that may differ between the attempts of one run (or between runs that are
 # averaged together) without changing its numbers. speed changes only the rounding (as
-# device does); "compile" is its predecessor, still in older checkpoints and results.
+# device does).
 RUNTIME_ONLY = frozenset({"progress", "device", "num_workers", "eval_batch_size", "checkpoint", "resume", "check",
-                          "dataset.root", "dataset.download", "dataset.check_md5", "speed", "compile"})
+                          "dataset.root", "dataset.download", "dataset.check_md5", "speed"})
 
 
 def flatten(plain: dict, prefix: str = "") -> dict:

@@ -3,7 +3,7 @@
 Each choice is one typed config key (sdrun.config); conf/fidelity/reference.yaml and
 conf/fidelity/paper.yaml set them all at once (`fidelity=reference`, the default, or
 `fidelity=paper`). This module lists them, says which preset a run's values match (for
-results.json and the log), and turns the model's keys into build_model arguments.
+results.json and the log); sdrun.model.model_for builds the network they describe.
 
 For ImageNet both presets mean fb.resnet.torch's recipe (the paper's text says it used that
 code): conf/dataset/imagenet.yaml, applied after the fidelity group, sets its values.
@@ -52,7 +52,3 @@ def summary(cfg: Any) -> dict:
     preset = "both" if ref and paper else "reference" if ref else "paper" if paper else "mixed"
     return {"preset": preset, "choices": choices}
 
-
-def init_options(model_cfg: Any) -> dict:
-    """The model's initialisation choices as build_model keyword arguments."""
-    return {k: str(model_cfg[k]) for k in ("bn_init", "conv_init", "fc_bias")}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, IO
 
 from sdrun.errors import UserError
+from sdrun.rundir import read_jsonl
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -68,11 +69,12 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def rewrite_jsonl(path: str | Path, keep: Callable[[dict], bool]) -> None:
-    """Atomically keep only the JSON lines for which keep(record) is true (no-op if absent)."""
+    """Atomically keep only the records for which keep(record) is true (no-op if absent). A torn
+    last line (a process killed while appending it) goes too, as sdrun.rundir.read_jsonl drops it."""
     path = Path(path)
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if keep(json.loads(line))]
-    if len(kept) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+    kept = [record for record in read_jsonl(path) if keep(record)]
+    if len(kept) != len(lines):  # written as append_jsonl writes them
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))

@@ -27,16 +27,15 @@ import threading
 import time
 from pathlib import Path
 
-from sdrun.config import ConfigError
+from sdrun.errors import UserError
+from sdrun.rundir import HEARTBEAT, LOCK
 
-LOCK = ".sdrun.lock"
-HEARTBEAT = ".sdrun.heartbeat"
 HEARTBEAT_S = 30.0
 STALE_S = 120.0  # 4 missed renewals: the process is gone (or the clocks disagree by minutes)
 
 
-class Busy(ConfigError):
-    """Another process is training this run directory."""
+class Busy(UserError, RuntimeError):
+    """Another process is training this run directory: the setting is fine, the directory is taken."""
 
 
 class Lease:

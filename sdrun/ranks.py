@@ -43,6 +43,11 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_local_rank() -> int:
+    """This process's rank on its node as torchrun's environment says (0 without torchrun): its GPU."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def shard(n: int, ctx: Context) -> slice:
     """This rank's contiguous part of n items (sizes differ by at most one, like tensor_split)."""
     base, extra = divmod(n, ctx.world_size)

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import gc
 import io
-import json
 import logging
 import os
 import pickle
@@ -32,7 +31,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from omegaconf import DictConfig
+from omegaconf import DictConfig  # noqa: E402
+
+from sdrun.rundir import read_jsonl  # noqa: E402, F401 (the tests read runs with the run directory's own reader)
 
 SDRUN = str(Path(sys.executable).with_name("sdrun"))
 
@@ -135,10 +136,6 @@ def train_in_process(run_dir: Path, *overrides: str) -> dict:
     cfg = compose_cfg(*overrides)
     with global_state_kept():
         return train(cfg, run_dir)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def write_cifar_pickles(root: Path, num_classes: int = 10, per_batch: int = 20, test: int = 30,

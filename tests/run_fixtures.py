@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sdrun.config import TrainConfig
+from sdrun.rundir import METRICS, RESULTS
 
 DEFAULT_CONFIG = OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)
 DEFAULT_CONFIG["dataset"]["name"] = "cifar10"
@@ -16,13 +17,11 @@ DEFAULT_CONFIG["dataset"]["name"] = "cifar10"
 
 def write_run(path: Path, *, dataset="cifar10", depth=110, pL=0.5, survival="linear", seed=1, epochs=500,
               error=5.0, final_error=None, per_epoch_s=60.0, num_blocks=54, expected=None, device="cuda:0",
-              precision=None, gpu="NVIDIA H200", legacy_bf16=None,
+              precision=None, gpu="NVIDIA H200",
               config: dict | None = None, metrics: list[dict] | None = None) -> Path:
     """results.json (and metrics.jsonl when given) as `sdrun train` writes them.
 
-    precision: the resolved one (default: what 'auto' gives, tf32 on CUDA, fp32 on the CPU);
-    legacy_bf16=True/False writes a results.json from before the precision setting (a `bf16`
-    key, no precision, no hardware)."""
+    precision: the resolved one (default: what 'auto' gives, tf32 on CUDA, fp32 on the CPU)."""
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     cfg.update(depth=depth, pL=pL, survival=survival, seed=seed, epochs=epochs)
     cfg["dataset"]["name"] = dataset
@@ -45,19 +44,14 @@ def write_run(path: Path, *, dataset="cifar10", depth=110, pL=0.5, survival="lin
         "channels_last": device.startswith("cuda"), "config": cfg, "versions": {}, "command": ["sdrun"],
     }
     on_cuda = device.startswith("cuda")
-    if legacy_bf16 is None:
-        precision = precision or ("tf32" if on_cuda else "fp32")
-        results.update(precision=precision, eval_precision=precision,
-                       hardware={"type": "cuda", "name": gpu, "count": 1, "driver": "580.159.03", "cudnn": 91500}
-                       if on_cuda else {"type": "cpu", "name": "AMD EPYC", "count": 2})
-    else:
-        results["bf16"] = legacy_bf16
-        cfg.pop("precision"), cfg.pop("eval_precision")
-        cfg["bf16"] = "on" if legacy_bf16 else "auto"
+    precision = precision or ("tf32" if on_cuda else "fp32")
+    results.update(precision=precision, eval_precision=precision,
+                   hardware={"type": "cuda", "name": gpu, "count": 1, "driver": "580.159.03", "cudnn": 91500}
+                   if on_cuda else {"type": "cpu", "name": "AMD EPYC", "count": 2})
     path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps(results))
+    (path / RESULTS).write_text(json.dumps(results))
     if metrics is not None:
-        (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        (path / METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return path
 
 

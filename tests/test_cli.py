@@ -7,7 +7,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sdrun.report.collect import REQUIRED_KEYS
-from sdrun.rundir import KEYS, WALL_CLOCK_KEYS
+from sdrun.rundir import RESULTS_KEYS, WALL_CLOCK_KEYS
 
 from tests.conftest import CONSOLE_RUN, compose_cfg, read_jsonl, sdrun_main, train_in_process, write_cifar_pickles
 
@@ -46,7 +46,7 @@ def test_tiny_run_writes_events_metrics_results(console_runs):
     log = (run / "train.log").read_text()
     assert "| elapsed " in log and ", ETA 0s" in log
     results = json.loads((run / "results.json").read_text())
-    assert set(results) == set(KEYS) and set(REQUIRED_KEYS) <= set(KEYS)  # sdrun.rundir names them all
+    assert set(results) == set(RESULTS_KEYS) and set(REQUIRED_KEYS) <= set(RESULTS_KEYS)  # sdrun.rundir names them all
     assert results["status"] == "finished" and results["num_blocks"] == 3
     assert results["expected_active_blocks"] == pytest.approx(1 - 1 / 6 + 1 - 2 / 6 + 0.5)
     best = min(metrics, key=lambda m: m["val_error_pct"])

@@ -8,8 +8,12 @@ import time
 
 import pytest
 
-from sdrun.engine.clock import EpochClock, hms
+from sdrun.config import ConfigError
+from sdrun.engine.clock import EpochClock
+from sdrun.errors import UserError
 from sdrun.liveness import HEARTBEAT, STALE_S, Busy, Lease, is_running, lock_held
+from sdrun.rundir import LOCK
+from sdrun.text import duration
 
 
 class FakeClock:
@@ -58,15 +62,18 @@ def test_a_resumed_run_counts_only_its_own_epochs_and_continues_the_elapsed_time
     assert clock.describe() == "elapsed 6m 50s, ETA 20s"
 
 
-def test_hms():
-    assert [hms(s) for s in (None, 0.4, 59, 61, 3600, 3 * 86400 + 7200)] == ["-", "0s", "59s", "1m 01s", "1h 00m",
-                                                                            "3d 02h"]
+def test_duration_rounds_to_its_last_unit_and_counts_days_unless_told_not_to():
+    assert [duration(s) for s in (None, 0.4, 59, 59.6, 61, 3599.6, 3600, 86000, 3 * 86400 + 7200)] == \
+        ["-", "0s", "59s", "1m 00s", "1m 01s", "1h 00m", "1h 00m", "23h 53m", "3d 02h"]
+    # Table 2 as the paper writes it: hours past a day, minutes rounded.
+    assert duration(60 * (33 * 60 + 43), days=False) == "33h 43m"
+    assert duration((15 * 60 + 7) * 60 + 29, days=False) == "15h 07m"
 
 
 def test_lease_holds_the_lock_and_a_heartbeat_and_refuses_a_second_trainer(tmp_path):
     assert is_running(tmp_path) == (False, "no lock, no heartbeat")
     with Lease(tmp_path, interval_s=0.05) as lease:
-        assert not (tmp_path / ".sdrun.lock").exists()  # nothing on disk before acquire()
+        assert not (tmp_path / LOCK).exists()  # nothing on disk before acquire()
         lease.acquire()
         assert lock_held(tmp_path) and is_running(tmp_path)[0]
         beat = json.loads((tmp_path / HEARTBEAT).read_text())
@@ -74,8 +81,9 @@ def test_lease_holds_the_lock_and_a_heartbeat_and_refuses_a_second_trainer(tmp_p
         before = (tmp_path / HEARTBEAT).stat().st_mtime_ns
         time.sleep(0.3)
         assert (tmp_path / HEARTBEAT).stat().st_mtime_ns > before  # renewed by the thread
-        with pytest.raises(Busy, match=f"another process is training {tmp_path} right now .pid {os.getpid()}"):
+        with pytest.raises(Busy, match=f"another process is training {tmp_path} right now .pid {os.getpid()}") as e:
             Lease(tmp_path).acquire()
+        assert isinstance(e.value, UserError) and not isinstance(e.value, ConfigError)  # the setting is fine
     assert not lock_held(tmp_path) and not (tmp_path / HEARTBEAT).exists()
     assert is_running(tmp_path)[0] is False
 

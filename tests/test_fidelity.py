@@ -19,7 +19,7 @@ from sdrun.launch.compose import compose
 from sdrun.data.batches import Normalizer
 from sdrun.engine.evaluate import Evaluator
 from sdrun.data.imagenet import PCA_EIGVAL, PCA_EIGVEC, ColorAugment, color_jitter, lighting
-from sdrun.model.resnet import CifarResNet, PadShortcut, build_model
+from sdrun.model.resnet import CifarResNet, PadShortcut, model_for
 from sdrun.report.tables import table1_rows
 from sdrun.engine.schedule import epochs_per_lr, lr_at
 from tests.run_fixtures import write_run
@@ -82,15 +82,40 @@ def test_bn_gamma_is_uniform_0_1_like_torch7_reset_and_ones_for_the_paper():
     assert torch.all(gamma == 1) and torch.all(beta == 0)
 
 
-def test_config_reaches_the_model():
-    for choice, expect_ones in (("reference", False), ("paper", True)):
-        cfg = composed("dataset=cifar10", "depth=20", f"fidelity={choice}")
-        model = build_model(cfg.model.arch, cfg.depth, 10, cfg.pL, "linear", "paper", cfg.model.shortcut_pool,
-                            **fidelity.init_options(cfg.model))
-        gamma, _ = bn_params(model)
-        assert bool(torch.all(gamma == 1)) == expect_ones
-        pool = model.blocks[3].shortcut.pool  # first block of stage 2
-        assert pool == ("avg" if expect_ones else "subsample")
+def first_stage2_conv_std(model: nn.Module) -> float:
+    """The std of the first convolution of stage 2 (16 -> 32 channels, 3x3): fan-in 9*16, fan-out 9*32."""
+    return model.blocks[3].branch[0].weight.std().item()
+
+
+# One model key of the reference preset (the default) changed at a time, and how the built network
+# shows it: model_for must follow each choice, and fidelity=paper must reach it through the preset.
+CHOICES = [
+    pytest.param("model.bn_init=ones", lambda m: bool(torch.all(bn_params(m)[0] == 1)), id="bn_init"),
+    pytest.param("model.shortcut_pool=avg", lambda m: m.blocks[3].shortcut.pool == "avg", id="shortcut_pool"),
+    pytest.param("model.conv_init=fan_out",
+                 lambda m: first_stage2_conv_std(m) == pytest.approx(math.sqrt(2 / (9 * 32)), rel=0.05),
+                 id="conv_init"),
+    pytest.param("model.fc_bias=zero", lambda m: bool(torch.all(m.fc.bias == 0)), id="fc_bias"),
+]
+
+
+@pytest.mark.parametrize("override,shows", CHOICES)
+def test_model_for_builds_each_choice_the_config_makes(override, shows):
+    torch.manual_seed(0)
+    reference = model_for(composed("dataset=cifar10", "depth=20"))
+    # The reference's network: gamma ~ U(0, 1), subsampling shortcuts, fan-in init, Linear's own bias.
+    gamma, _ = bn_params(reference)
+    assert gamma.min() >= 0 and gamma.max() <= 1 and not torch.all(gamma == 1)
+    assert reference.blocks[3].shortcut.pool == "subsample"
+    assert first_stage2_conv_std(reference) == pytest.approx(math.sqrt(2 / (9 * 16)), rel=0.05)
+    assert reference.fc.bias.abs().max() > 0
+    assert not shows(reference)
+    assert shows(model_for(composed("dataset=cifar10", "depth=20", override)))
+
+
+def test_model_for_builds_the_paper_presets_network():
+    paper = model_for(composed("dataset=cifar10", "depth=20", "fidelity=paper"))
+    assert torch.all(bn_params(paper)[0] == 1) and paper.blocks[3].shortcut.pool == "avg"
 
 
 def test_fb_init_fan_out_and_zero_fc_bias():

@@ -32,7 +32,7 @@ def test_fig3_shows_mean_curves_of_both_settings(tmp_path):
     assert err.get_xlabel() == "epoch" and err.get_ylabel() == "test error (%)"
     assert loss.get_ylabel() == "training loss"
     assert [t.get_text() for t in err.get_legend().get_texts()] == \
-        ["constant depth (n=2)", "stochastic, linear pL=0.5 (n=2)"]
+        ["constant depth (n=2)", "stochastic linear pL=0.5 (n=2)"]
     const, stoch = err.get_lines()
     assert list(const.get_xdata()) == [1, 2, 3, 4, 5, 6]
     assert list(const.get_ydata()) == pytest.approx([11 + e for e in range(1, 7)])  # mean of 10+e, 12+e

@@ -31,7 +31,7 @@ def test_auto_is_fp32_on_the_cpu_and_tf32_is_refused_there():
     with pytest.raises(ConfigError, match="precision=tf32 is a CUDA tensor-core mode"):
         resolve_precision("tf32", CPU)
     rt = rt_for(precision="bf16", eval_precision="fp32")
-    assert (rt.precision, rt.eval_precision, rt.bf16) == ("bf16", "fp32", True)
+    assert (rt.precision, rt.eval_precision) == ("bf16", "fp32")
     assert rt_for().precision == rt_for().eval_precision == "fp32"
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sdrun.report import paper
+from sdrun import paper
 from sdrun.report.tables import markdown, table1_rows, table2_rows, write_outputs
 from sdrun.report.collect import find_runs, group_runs
 from tests.run_fixtures import write_run
@@ -108,25 +108,22 @@ def test_runs_with_other_recipes_are_split_and_said_so(tmp_path):
 
 def test_runs_of_other_precisions_or_gpus_are_separate_rows(tmp_path):
     # tf32 twice on H200s (seeds 1, 2; one said 'auto', one 'tf32': the resolved value counts),
-    # bf16 on an H200, fp32 on an H200, tf32 on an A100, and an old run that recorded bf16=on.
+    # bf16 on an H200, fp32 on an H200, tf32 on an A100.
     write_run(tmp_path / "tf32_1", seed=1, error=5.0, precision="tf32", config={"precision": "auto"})
     write_run(tmp_path / "tf32_2", seed=2, error=6.0, precision="tf32", config={"precision": "tf32"})
     write_run(tmp_path / "bf16", seed=1, error=7.0, precision="bf16", config={"precision": "bf16"})
     write_run(tmp_path / "fp32", seed=1, error=8.0, precision="fp32", config={"precision": "fp32"})
     write_run(tmp_path / "a100", seed=1, error=9.0, precision="tf32", gpu="NVIDIA A100-SXM4-80GB")
-    write_run(tmp_path / "old", seed=3, error=10.0, legacy_bf16=True)
     t1, _, notes, skipped = tables(tmp_path)
     assert not skipped
     by_error = {r["test_error_pct_mean"]: r for r in t1}
-    # The old run's precision reads bf16 from its bf16 key; it recorded no GPU name: own row.
-    assert sorted(by_error) == [5.5, 7.0, 8.0, 9.0, 10.0]
+    assert sorted(by_error) == [5.5, 7.0, 8.0, 9.0]
     assert by_error[5.5]["n"] == 2
     assert "runtime.precision=tf32" in by_error[5.5]["variant"]
     assert "runtime.precision=bf16" in by_error[7.0]["variant"]
     assert "runtime.precision=fp32" in by_error[8.0]["variant"]
     assert "runtime.gpu=NVIDIA A100-SXM4-80GB" in by_error[9.0]["variant"]
     assert "runtime.gpu=NVIDIA H200" in by_error[5.5]["variant"]
-    assert "runtime.precision=bf16" in by_error[10.0]["variant"] and "runtime.gpu=None" in by_error[10.0]["variant"]
     (note,) = notes
     assert "runtime.gpu" in note and "runtime.precision" in note
 

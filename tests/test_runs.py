@@ -6,7 +6,8 @@ import pytest
 
 from sdrun.config import to_plain
 from sdrun.engine.state import save_checkpoint
-from sdrun.launch.runs import AlreadyFinished, CheckpointError, check_run_dir
+from sdrun.launch.runs import AlreadyFinished, check_run_dir
+from sdrun.rundir import CheckpointError
 from tests.conftest import compose_cfg
 
 CFG = ["dataset=digits", "depth=8", "epochs=3"]

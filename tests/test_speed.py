@@ -115,12 +115,3 @@ def test_speed_graphs_on_the_cpu_is_one_clear_line(tmp_path):
     r = sdrun_main("train", *TINY, "device=cpu", "speed=graphs", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "speed=graphs needs a CUDA device" in r.stderr
-
-
-def test_runs_from_before_the_switch_still_resume_and_group():
-    """A checkpoint or results.json written with compile=false (before speed=) is the same recipe."""
-    from sdrun.launch.runs import config_differences
-
-    old = {"compile": False, "depth": 8, "pL": 0.5}
-    assert config_differences(old, {"speed": "auto", "depth": 8, "pL": 0.5}) == []
-    assert config_differences(old, {"speed": "graphs", "depth": 8, "pL": 1.0}) == ["pL: 0.5 there, 1.0 here"]

@@ -17,10 +17,11 @@ from sdrun.data.readers import load_digits_data
 from sdrun.engine.optim import make_optimizer
 from sdrun.rng import seed_global
 from sdrun.engine.runtime import Runtime
-from sdrun.engine.state import CheckpointError, SavedRun, TrainState, read_checkpoint
+from sdrun.engine.state import SavedRun, TrainState, read_checkpoint
 from sdrun.model.resnet import build_model
 from sdrun.model.stochastic import GateSampler
 from sdrun.engine.loop import train_step
+from sdrun.rundir import CheckpointError
 
 RT = Runtime(torch.device("cpu"), precision="fp32", eval_precision="fp32", channels_last=False)
 

@@ -31,7 +31,7 @@ def sweep(tmp_path_factory) -> tuple[Path, dict]:
         if metrics.is_file() and len(read_jsonl(metrics)) >= 1:
             break
         time.sleep(0.05)
-    while_running = status.collect([root])  # job 2 is in its second epoch now
+    while_running = status.survey([root])  # job 2 is in its second epoch now
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert len(read_jsonl(metrics)) < 6, "job 2 finished before it could be killed"

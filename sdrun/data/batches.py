@@ -10,6 +10,8 @@ are the same on the CPU and on a GPU, and restorable from a checkpoint.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -157,9 +159,6 @@ class Normalizer:
 def fit_normalizer(images: torch.Tensor, dataset_cfg) -> Normalizer:
     """Normalizer.fit with the run's dataset.std_rule / dataset.normalization, logged with its time
     (SVHN's 598k training images take seconds, not the minute the float64 version did)."""
-    import logging
-    import time
-
     log = logging.getLogger("sdrun")
     std_rule, normalization = str(dataset_cfg.std_rule), str(dataset_cfg.normalization)
     log.info("normalisation: fitting the %s mean and the %s std on %d training images...",

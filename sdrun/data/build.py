@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from sdrun.data.batches import Normalizer, RunData, TrainBatches, eval_batches, fit_normalizer
+from sdrun.data.imagenet import load_imagenet
 from sdrun.data.loader import DataLoaderBatches
 from sdrun.data.readers import Split, load_image_data
 from sdrun.ranks import SINGLE, Context, shard
@@ -40,7 +41,6 @@ def build_run_data(cfg, device: torch.device, channels_last: bool,
     Distributed (ctx): every rank makes the same global batches and keeps its slice; the
     evaluation splits are sharded (each rank counts its part; the counts are summed)."""
     if cfg.dataset.name == "imagenet":
-        from sdrun.data.imagenet import load_imagenet
         return load_imagenet(cfg, device, channels_last, ctx)
     data = load_image_data(cfg.dataset, cfg.seed)
     normalizer = fit_normalizer(data.train.images, cfg.dataset)  # std_rule, normalization; logged

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
 
 from sdrun.data.batches import RunData, global_batch_size, steps_per_epoch, to_device
 from sdrun.data.readers import DataError
@@ -130,12 +132,10 @@ class ChannelNormalizer:
 
 
 def train_transform(size: int, flip: bool = True):
-    from torchvision import transforms as T
     return T.Compose([T.RandomResizedCrop(size), *([T.RandomHorizontalFlip()] if flip else []), T.PILToTensor()])
 
 
 def eval_transform(size: int, resize: int):
-    from torchvision import transforms as T
     return T.Compose([T.Resize(resize), T.CenterCrop(size), T.PILToTensor()])
 
 
@@ -224,8 +224,6 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: C
 
     Distributed (ctx): each rank loads its part of every global training batch and its
     contiguous part of the evaluation sets (the error counts are summed over ranks)."""
-    from torchvision.datasets import ImageFolder
-
     ds_cfg = cfg.dataset
     root = Path(ds_cfg.root)
     for split in ("train", "val"):

@@ -15,17 +15,15 @@ the other), with the same distribution. Without augmentation the batches are ide
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
 
 from sdrun.data.batches import Normalizer, steps_per_epoch
 from sdrun.data.readers import Split
 from sdrun.rng import cpu_generator
-
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
 
 
 class EpochOrder(Sampler[int]):
@@ -60,10 +58,6 @@ class AugmentedImages(Dataset):
 
 def paper_augmentation(image_size: int, translate: int, flip: bool) -> v2.Transform:
     """+-translate px translation (zero fill: the inputs are already normalised) and p=0.5 flips."""
-    # Imported here: torchvision's import costs seconds (it pulls in torch._dynamo), and only
-    # the DataLoader path needs its transforms.
-    from torchvision.transforms import v2
-
     steps = []
     if translate:
         steps.append(v2.RandomCrop(image_size, padding=translate, fill=0, padding_mode="constant"))

@@ -5,12 +5,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN, ImageFolder
 
 from sdrun.errors import UserError
 from sdrun.rng import cpu_generator
@@ -68,9 +72,6 @@ def _without_md5(cls):
 
 
 def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, list[int], list[str]]:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-
     ds = ImageFolder(str(folder))
     if len(ds) == 0:
         raise DataError(f"no images found under {folder}")
@@ -86,8 +87,6 @@ def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, list[int], 
 
 def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
     """CIFAR-10/100 from torchvision's pickle batches, or from an image-folder export."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
     cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
     root = Path(cfg.root)
     fmt = cifar_format(cfg)
@@ -118,8 +117,6 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
 
 def cifar_format(cfg) -> str:
     """dataset.format with `auto` decided: imagefolder when root/train exists and the pickle folder does not."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
     fmt, root = str(cfg.format), Path(cfg.root)
     if fmt != "auto":
         return fmt
@@ -133,8 +130,6 @@ def find_data(cfg) -> str | None:
     usable. Cheap enough to run for every job of a sweep before the first one starts
     (sdrun.launch.preflight); content errors (a truncated file, a wrong checksum) surface when the
     job reads the data."""
-    import os
-
     def missing(paths: list[Path]) -> list[Path]:
         return [p for p in paths if not os.access(p, os.R_OK)]
 
@@ -142,8 +137,6 @@ def find_data(cfg) -> str | None:
     if cfg.download or cfg.name == "digits":  # digits ship with scikit-learn; downloads happen in the job
         return None
     if cfg.name in ("cifar10", "cifar100"):
-        from torchvision.datasets import CIFAR10, CIFAR100
-
         cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
         if cifar_format(cfg) == "imagefolder":
             def has_classes(folder: Path) -> bool:
@@ -180,8 +173,6 @@ def find_data(cfg) -> str | None:
 
 def _first_unreadable_pickle(folder: Path, files: list[str]) -> Path | None:
     """Which of the batch files is broken (only called once reading has already failed)."""
-    import pickle
-
     for name in files:
         try:
             with open(folder / name, "rb") as f:
@@ -204,7 +195,7 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray]:
     if csv is not None and csv.is_file():
         table = np.loadtxt(csv, delimiter=",")
         return table[:, :-1], table[:, -1].astype(np.int64)
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # seconds of import: only if the file has moved
 
     d = load_digits()
     return d.data, d.target
@@ -234,8 +225,6 @@ def load_svhn(cfg, seed: int) -> tuple[Split, Split, Split, list[str]]:
     Memory: the 604k training images are copied once, as uint8, straight into their final
     tensor (about 1.9 GB); no float copy is made on the host.
     """
-    from torchvision.datasets import SVHN
-
     reader = SVHN if cfg.check_md5 else _without_md5(SVHN)
     root = Path(cfg.root)
     g = cpu_generator(seed, "split")

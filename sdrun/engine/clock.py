@@ -17,6 +17,8 @@ import time
 from collections import deque
 from typing import Callable
 
+from sdrun.text import duration
+
 WINDOW = 5  # recent epochs averaged for the estimate
 
 
@@ -49,18 +51,5 @@ class EpochClock:
 
     def describe(self) -> str:
         """'elapsed 1h 02m, ETA 3h 10m' (ETA '?' before the first epoch ends)."""
-        return f"elapsed {hms(self.elapsed_s)}, ETA {'?' if self.eta_s is None else hms(self.eta_s)}"
+        return f"elapsed {duration(self.elapsed_s)}, ETA {'?' if self.eta_s is None else duration(self.eta_s)}"
 
-
-def hms(seconds: float | None) -> str:
-    """A duration for people: '2d 03h', '3h 10m', '4m 05s', '12s'."""
-    if seconds is None:
-        return "-"
-    s = max(0, round(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d {s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h {s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s}s"

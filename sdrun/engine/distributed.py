@@ -43,14 +43,14 @@ falls back to plain batch norm, so sync_bn's cross-process statistics need 2 or 
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from sdrun.config import ConfigError
-from sdrun.ranks import SINGLE, Context, launched_by_torchrun
+from sdrun.ranks import SINGLE, Context, env_local_rank, launched_by_torchrun
 
 
 def init() -> Context:
@@ -60,7 +60,7 @@ def init() -> Context:
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:  # NCCL and object collectives use the current device: one GPU per local rank
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env_local_rank())
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo")
     return current()
 
@@ -68,7 +68,7 @@ def init() -> Context:
 def current() -> Context:
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE
-    return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), grouped=True)
+    return Context(dist.get_rank(), dist.get_world_size(), env_local_rank(), grouped=True)
 
 
 def teardown() -> None:
@@ -100,7 +100,6 @@ def wrap(model: torch.nn.Module, device: torch.device, ctx: Context, sync_bn: bo
         if device.type != "cuda":
             raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernel)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
 

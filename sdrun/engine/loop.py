@@ -253,7 +253,7 @@ def epoch_record(run: Run, epoch: int, lr: float, stats: EpochStats, train_s: fl
 
 
 def run_results(run: Run, evaluator: Evaluator, wall_time_s: float) -> dict:
-    """results.json (its keys: sdrun.rundir.KEYS)."""
+    """results.json (its keys: sdrun.rundir.RESULTS_KEYS)."""
     cfg, state, rt = run.cfg, run.state, run.rt
     best, record = evaluator.best, state.last_record
     return {

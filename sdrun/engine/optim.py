@@ -24,7 +24,7 @@ IMPLS = ("auto", "fused", "foreach", "loop")
 
 def fused_supported(device: torch.device) -> bool:
     """Does this torch ship a fused SGD kernel for the device type?"""
-    try:
+    try:  # a private torch helper, imported where its absence can be answered
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
     except ImportError:  # an older or newer torch without the helper: do not guess
         return False

@@ -18,15 +18,18 @@ The resolved precision (never 'auto') goes into results.json, with the GPU (`dev
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import re
+import subprocess
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig
 
+from sdrun import __version__
 from sdrun.config import ConfigError, Toggle
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -38,10 +41,6 @@ class Runtime:
     precision: str       # resolved: fp32 | tf32 | bf16
     eval_precision: str  # resolved: fp32 | tf32 | bf16
     channels_last: bool
-
-    @property
-    def bf16(self) -> bool:
-        return self.precision == "bf16"
 
 
 def device_problem(device: str) -> str | None:
@@ -156,13 +155,11 @@ def autocast(rt: Runtime, eval: bool = False):
 
 
 def software_versions() -> dict:
-    # (torchvision's import is cheap by now: the optimiser has imported torch._dynamo, which is
-    # most of it; its __version__ carries the build's CUDA tag, which its package metadata lacks)
-    import importlib.metadata
-
+    # torchvision's __version__ carries the build's CUDA tag, which its package metadata lacks.
+    # Imported here, at a run's end: a device check (sdrun.launch.runs) imports this module and
+    # should not wait 1.3 s for torchvision.
     import torchvision
 
-    from sdrun import __version__
     return {"sdrun": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "hydra": importlib.metadata.version("hydra-core"),
             "omegaconf": importlib.metadata.version("omegaconf"), "cuda": torch.version.cuda,
@@ -179,7 +176,6 @@ def _nvidia_driver() -> str | None:
             return m.group(1)
     except OSError:
         pass
-    import subprocess
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20).stdout.split()

@@ -11,30 +11,22 @@ the run-directory checks.
 
 from __future__ import annotations
 
-import pickle
 import io
+import pickle
 import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 
-from sdrun.errors import UserError
 from sdrun.files import atomic_write
-
-if TYPE_CHECKING:
-    import torch
-
-# torch is imported where it is used: the run-directory checks read this module, and
-# `sdrun train` with a bad setting should answer before torch's import (seconds) is paid.
-
+from sdrun.rundir import CheckpointError
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    import torch
-
     # Serialise in memory first: torch.save on a failing file reports a disk error as an
     # opaque RuntimeError from its zip writer; writing the bytes ourselves keeps the OSError.
     buffer = io.BytesIO()
@@ -44,13 +36,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load with weights_only=True: tensors and plain containers only, never pickled code."""
-    import torch
-
     return torch.load(path, map_location=map_location, weights_only=True)
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be used: unreadable, unsafe, not sdrun's, or from another config."""
 
 
 @dataclass
@@ -133,8 +119,6 @@ class SavedRun:
 
 def global_rng_state() -> dict:
     """Every global RNG a run could touch (python, numpy, torch CPU and CUDA), weights_only-safe."""
-    import torch
-
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -145,8 +129,6 @@ def global_rng_state() -> dict:
 
 
 def set_global_rng_state(state: dict) -> None:
-    import torch
-
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     n = state["numpy"]

@@ -13,14 +13,20 @@ setting is answered in the time Hydra takes to compose.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sdrun.config import ConfigError
-from sdrun.errors import UserError, print_error
+from sdrun.errors import print_error
+from sdrun.launch.compose import register_configs
+from sdrun.launch.guard import USER_ERRORS, GuardStop, JobFailed
+from sdrun.launch.launchers import job_resources, register_resolvers
 from sdrun.launch.runs import AlreadyFinished, check_run_dir
 from sdrun.liveness import Lease
 from sdrun.ranks import launched_by_torchrun
@@ -40,7 +46,7 @@ def main(argv: list[str]) -> int:
     sys.argv = ["sdrun train", *argv]
     torchrun = launched_by_torchrun()
     if torchrun:  # every process runs this; they join one process group before Hydra composes
-        from sdrun.engine import distributed
+        from sdrun.engine import distributed  # torch's process group: only under torchrun
         distributed.init()
     try:
         check_hydra_modes(argv)
@@ -48,7 +54,7 @@ def main(argv: list[str]) -> int:
     except AlreadyFinished as e:  # the run is done (a re-run script, a requeued job): nothing to do
         print(f"sdrun train: {e}", file=sys.stderr)
         return 0
-    except user_errors() as e:
+    except USER_ERRORS as e:
         if USER_FULL_ERROR:
             raise
         print_error("sdrun train", e, sweep_note(e))
@@ -60,12 +66,6 @@ def main(argv: list[str]) -> int:
 
 
 def hydra_app() -> None:
-    import hydra
-
-    from sdrun.launch.compose import register_configs
-    from sdrun.launch.guard import GuardStop, JobFailed
-    from sdrun.launch.launchers import register_resolvers
-
     register_configs()
     register_resolvers()  # ${local_jobs:} in the hydra/launcher=parallel preset
 
@@ -73,17 +73,13 @@ def hydra_app() -> None:
 
     @hydra.main(version_base="1.3", config_path="pkg://sdrun.conf", config_name="train")
     def job(cfg: DictConfig) -> float | JobFailed | None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from sdrun.launch.launchers import job_resources
-
         hc = HydraConfig.get()
         multirun = hc.mode.name == "MULTIRUN"
         progress = {"on": True, "off": False}.get(cfg.progress.value, sys.stdout.isatty() and not multirun)
         try:
             with job_resources(cfg, hc):  # a parallel sweep's job: its own GPU, its share of the cores
                 results = train(cfg, hc.runtime.output_dir, progress=progress)
-        except user_errors() as e:
+        except USER_ERRORS as e:
             if multirun:  # Hydra finishes the other jobs, then the sweep ends with this error
                 raise
             # Returned, not raised: Hydra would print its own multi-line report of it. The
@@ -106,6 +102,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict 
 
     The config was checked before (sdrun.launch.runs.check_config: by the callback for a run,
     by the pre-flight for every job of a sweep), so torch is imported only for a good one."""
+    # The engine (torch) only here, once the config has passed its checks.
     from sdrun.engine import distributed
     from sdrun.engine.loop import Interrupted, fit
     from sdrun.engine.setup import build_run
@@ -138,18 +135,7 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict 
 
 
 def is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """What `sdrun train` reports on one line: sdrun's own, and Hydra's and OmegaConf's
-    composition errors (an unknown key, a value of the wrong type, a bad override)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return (UserError, HydraException, OmegaConfBaseException)
 
 
 def check_hydra_modes(argv: list[str]) -> None:
@@ -163,8 +149,6 @@ def check_hydra_modes(argv: list[str]) -> None:
 def sweep_note(error: BaseException) -> str:
     """For a sweep that ended with failed jobs: how many, and where the summary is (the failed
     job's error names it: sdrun.launch.guard.RunDirGuard.on_job_end)."""
-    import json
-
     path = getattr(error, "sweep_summary", None)
     if path is None or not Path(path).is_file():
         return ""

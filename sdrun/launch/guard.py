@@ -27,16 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from sdrun.config import ConfigError
 from sdrun.errors import UserError, one_line
 from sdrun.files import write_json
-from sdrun.liveness import refuse_if_busy
+from sdrun.launch.preflight import check_sweep, report
 from sdrun.launch.runs import check_config, check_run_dir, resume_dir
+from sdrun.liveness import refuse_if_busy
 from sdrun.ranks import env_rank, launched_by_torchrun
-from sdrun.rundir import SWEEP_SUMMARY
+from sdrun.rundir import METRICS, SWEEP_SUMMARY
+
+# What the user's input causes, reported on one line (sdrun.launch.app): sdrun's own errors,
+# and Hydra's and OmegaConf's composition errors (an unknown key, a value of the wrong type,
+# a bad override).
+USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)
 
 
 class GuardStop(BaseException):
@@ -80,7 +88,6 @@ class RunDirGuard(Callback):
                 refuse_if_busy(Path(config.hydra.run.dir))  # before Hydra rewrites its .hydra/ there
             check_run_dir(Path(config.hydra.run.dir), task_cfg)
             if config.check:  # stop before Hydra creates the run directory
-                from sdrun.launch.preflight import report
                 report([(None, task_cfg, Path(config.hydra.run.dir))])
                 raise SystemExit(0)
             if env_rank() == 0:  # only rank 0 writes into the run directory, so only it undoes
@@ -94,7 +101,6 @@ class RunDirGuard(Callback):
             raise GuardStop(ConfigError("sdrun train -m under torchrun: a sweep's jobs are separate runs; "
                                         "launch the sweep without torchrun (hydra/launcher=parallel or slurm)"))
         try:
-            from sdrun.launch.preflight import check_sweep, report
             jobs = check_sweep(config)
             if config.check:
                 if jobs is None:
@@ -138,11 +144,7 @@ def is_bad_input(error: BaseException | None) -> bool:
     """An error the user's input caused (a config value, missing data, a busy or foreign run
     directory). A non-finite loss is not: that run did start, and keeps its directory
     (train.log) like any run that failed while training."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return isinstance(error, (UserError, HydraException, OmegaConfBaseException)) \
-        and not isinstance(error, FloatingPointError)
+    return isinstance(error, USER_ERRORS) and not isinstance(error, FloatingPointError)
 
 
 # ---------------------------------------------------------------- Hydra under torchrun
@@ -191,8 +193,6 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-
-
 # ---------------------------------------------------------------- a run that never started
 
 def first_missing(path: Path) -> Path | None:
@@ -236,7 +236,7 @@ class StartSnapshot:
 
     def epoch_completed(self) -> bool:
         """Whether this attempt got through an epoch: the trainer appends to metrics.jsonl after each."""
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = self.run_dir / METRICS
         if not metrics.exists():
             return False
         if self.created is not None:

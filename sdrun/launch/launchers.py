@@ -28,10 +28,16 @@ import fcntl
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from sdrun.config import ConfigError
+from sdrun.launch.guard import GuardStop
 
 log = logging.getLogger("sdrun")
 
@@ -46,7 +52,7 @@ def available_cores() -> int:
 
 
 def visible_gpus() -> int:
-    import torch
+    import torch  # only when ${local_jobs:} resolves: every `sdrun train` imports this module
 
     return torch.cuda.device_count()
 
@@ -59,16 +65,11 @@ def default_local_jobs(jobs_per_gpu: int = 1, gpus: int | None = None) -> int:
 
 def register_resolvers() -> None:
     """${local_jobs:K}, and the parallel preset's schema (joblib's, plus jobs_per_gpu)."""
-    from omegaconf import OmegaConf
-
     OmegaConf.register_new_resolver("local_jobs", default_local_jobs, use_cache=True, replace=True)
     try:
         from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
     except ImportError:  # the launchers extra is not installed; hydra/launcher=parallel says so
         return
-    from dataclasses import dataclass
-
-    from hydra.core.config_store import ConfigStore
 
     @dataclass
     class JoblibSlotsConf(JobLibLauncherConf):
@@ -179,11 +180,6 @@ class LauncherOptions(Callback):
     the launcher from it; registered in conf/train.yaml's hydra.callbacks."""
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        from omegaconf import OmegaConf
-
-        from sdrun.config import ConfigError
-        from sdrun.launch.guard import GuardStop
-
         launcher = config.hydra.launcher
         if "jobs_per_gpu" not in launcher:
             return
@@ -206,7 +202,7 @@ def job_resources(cfg, hydra_cfg) -> Iterator[None]:
     if hydra_cfg.mode is None or hydra_cfg.mode.name != "MULTIRUN":
         yield
         return
-    import torch
+    import torch  # a sweep's job, about to train: not when this module is imported for every `sdrun train`
 
     launcher = hydra_cfg.launcher
     num_gpus = visible_gpus() if cfg.device == "auto" else 0

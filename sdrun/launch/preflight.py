@@ -24,11 +24,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sdrun.config import ConfigError, flatten, to_plain
+from sdrun.engine.schedule import epochs_per_lr, lr_at
 from sdrun.errors import UserError, one_line, print_error
+from sdrun.launch.runs import AlreadyFinished, check_config, check_run_dir
 from sdrun.launch.sweeps import BASIC_SWEEPER, expand_sweep
+from sdrun.text import duration
 
 WARMUP_STEPS = 3   # excluded from the timing: allocator, cuDNN autotuning, lazy initialisation
 TIMED_STEPS = 10
@@ -53,9 +58,6 @@ class Job:
 def sweep_jobs(config: DictConfig) -> list[Job] | None:
     """Every job of the sweep `config` (the multirun's master config), composed; None when
     the sweeper is not Hydra's basic one (its jobs cannot be known in advance)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
     sweeper = config.hydra.sweeper
     if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
@@ -90,8 +92,6 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
                 data_cache: dict | None = None) -> str | None:
     """Why this job would fail before training, or None. `device_here=False` for launchers
     that run the job on another machine (SLURM): its device is not checked here."""
-    from sdrun.launch.runs import AlreadyFinished, check_config, check_run_dir
-
     try:
         check_config(cfg, device_here)
     except ConfigError as e:
@@ -155,15 +155,15 @@ class Timing:
     peak_memory: str
 
 
-def time_steps(cfg: DictConfig, out=None) -> tuple[dict, Timing]:
+def time_steps(cfg: DictConfig) -> tuple[dict, Timing]:
     """Build the run as `sdrun train` does (sdrun.engine.setup.build_run) and time TIMED_STEPS
     of its real training epochs' steps after WARMUP_STEPS; returns (facts, timing)."""
-    out = out or sys.stdout  # the current one, not the one when this module was imported
+    # torch and the training engine only now: a sweep's pre-flight imports this module and
+    # answers a bad setting before torch's import (seconds).
     import torch
 
     from sdrun.engine.optim import set_lr
     from sdrun.engine.runtime import synchronize
-    from sdrun.engine.schedule import lr_at
     from sdrun.engine.setup import build_run
 
     t0 = time.perf_counter()
@@ -184,8 +184,10 @@ def time_steps(cfg: DictConfig, out=None) -> tuple[dict, Timing]:
     peak = (f"{torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB allocated on the GPU"
             if rt.device.type == "cuda" else "-")
     facts = {"rt": rt, "data": run.data, "load_s": load_s, "probs": list(run.model.survival_probs),
-             "params": sum(p.numel() for p in run.model.parameters()),
-             "steps_per_epoch": len(state.batches)}
+             "expected": run.expected_depth, "params": sum(p.numel() for p in run.model.parameters()),
+             "steps_per_epoch": len(state.batches),
+             "device_name": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else
+             f"{torch.get_num_threads()} CPU threads"}
     del run, state
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -194,7 +196,7 @@ def time_steps(cfg: DictConfig, out=None) -> tuple[dict, Timing]:
 
 def run_steps(run, n: int) -> int:
     """n training steps of `run`, as train_epoch makes them (epochs restart as needed); blocks run."""
-    from sdrun.engine.loop import EpochStats, train_step
+    from sdrun.engine.loop import EpochStats, train_step  # torch: as in time_steps, only for check=true
 
     state, rt = run.state, run.rt
     done = active = 0
@@ -213,19 +215,12 @@ def run_steps(run, n: int) -> int:
 
 def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> tuple[list[str], float]:
     """The check's report lines and the projected training seconds."""
-    import torch
-
-    from sdrun.model.stochastic import expected_active_blocks
-
     rt, data, probs = facts["rt"], facts["data"], facts["probs"]
-    L, expected = len(probs), expected_active_blocks(probs)
-    device = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else \
-        f"{torch.get_num_threads()} CPU threads"
+    L, expected, device = len(probs), facts["expected"], facts["device_name"]
     spe = facts["steps_per_epoch"]
     total_steps = spe * epochs_left
     seconds = total_steps * timing.step_s
     o = cfg.optim
-    from sdrun.engine.schedule import epochs_per_lr
     # Epochs at each lr, as the run will count them (optim.epoch_base: paper or reference reading)
     segments = ", ".join(f"{lr:g} x {n}" for lr, n in epochs_per_lr(cfg.epochs, o))
     schedule = f"lr {segments} epochs (milestones {list(o.milestones)}, epoch_base {o.epoch_base})" + \
@@ -243,24 +238,14 @@ def describe(cfg: DictConfig, facts: dict, timing: Timing, epochs_left: int) -> 
         f"schedule    {epochs_left} epochs x {spe} steps (batch {cfg.batch_size}) = {total_steps} steps; {schedule}",
         f"step time   {f'{timing.step_s * 1e3:.1f} ms' if timing.step_s < 1 else f'{timing.step_s:.2f} s'} (mean of {TIMED_STEPS} real steps after {WARMUP_STEPS} warm-up; "
         f"{timing.active_mean:.1f} blocks ran per timed step, {expected:.1f} expected); peak memory {timing.peak_memory}",
-        f"projected   {hours(seconds)} of training for the whole run (steps x step time; evaluation and "
+        f"projected   {duration(seconds, days=False)} of training for the whole run (steps x step time; evaluation and "
         f"checkpoints excluded)",
     ]
     return lines, seconds
 
 
-def hours(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def epochs_left(cfg: DictConfig, run_dir: Path | None) -> int:
     """Epochs still to train: all of them, or those after a resumable checkpoint."""
-    from sdrun.launch.runs import check_run_dir
-
     saved = check_run_dir(run_dir, cfg) if run_dir is not None else None
     return cfg.epochs - (saved.epoch if saved is not None else 0)
 
@@ -270,8 +255,6 @@ def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=None) -> 
 
     Jobs whose settings differ only in the seed share one timing (same model, same work)."""
     out = out or sys.stdout  # the current one, not the one when this module was imported
-    from sdrun.launch.runs import AlreadyFinished
-
     print("sdrun train: check=true: setting, data, model and a few timed steps; nothing is trained or written",
           file=out, flush=True)
     total, timings = 0.0, {}
@@ -287,7 +270,7 @@ def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=None) -> 
         shared = timings.get(key)
         if shared is None:
             try:
-                shared = timings[key] = (*time_steps(cfg, out), name)
+                shared = timings[key] = (*time_steps(cfg), name)
             except UserError as e:  # data that is there but unreadable, found when it is read
                 if name is None:
                     raise
@@ -300,6 +283,6 @@ def report(jobs: list[tuple[str | None, DictConfig, Path | None]], out=None) -> 
             print(f"  {line}", file=out, flush=True)
         total += seconds
     if len(jobs) > 1:
-        print(f"\nsweep       {len(jobs)} jobs: {hours(total)} of training in all, one job at a time on this "
-              f"device (evaluation and checkpoints excluded)", file=out, flush=True)
+        print(f"\nsweep       {len(jobs)} jobs: {duration(total, days=False)} of training in all, one job at a "
+              f"time on this device (evaluation and checkpoints excluded)", file=out, flush=True)
     return total

@@ -1,19 +1,22 @@
 """Run directories: is this one new, resumable or finished, and does it belong to this config?
 
-sdrun.engine.loop checks its directory with `check_run_dir`; sdrun.launch.guard's Hydra callback runs the
-same check before Hydra writes into the directory, and sdrun.launch.preflight for every job of a sweep.
+sdrun.launch.app checks a run's directory with `check_run_dir` before it trains; sdrun.launch.guard's
+Hydra callback runs the same check before Hydra writes into the directory, and sdrun.launch.preflight
+for every job of a sweep. The files' names and readers are sdrun.rundir's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
 from sdrun.config import RUNTIME_ONLY, ConfigError, flatten, to_plain, validate
-from sdrun.rundir import FINISHED, RESULTS, read_results
-from sdrun.engine.state import CheckpointError, SavedRun
-from sdrun.rundir import CHECKPOINT
+from sdrun.rundir import CHECKPOINT, FINISHED, RESULTS, CheckpointError, read_results
+
+if TYPE_CHECKING:
+    from sdrun.engine.state import SavedRun
 
 
 class AlreadyFinished(Exception):
@@ -24,6 +27,15 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = flatten(saved), flatten(current)
     keys = sorted(k for k in a.keys() | b.keys() if k not in RUNTIME_ONLY and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in keys]
+
+
+def load_saved_run(path: Path) -> SavedRun:
+    """The run's checkpoint (a one-line CheckpointError if it cannot be used)."""
+    # The engine, and torch with it, only where a checkpoint is read: a new run's directory is
+    # checked, and a bad setting answered, before torch's import (seconds).
+    from sdrun.engine.state import SavedRun
+
+    return SavedRun.load(path)
 
 
 def check_run_dir(run_dir: Path, cfg: DictConfig) -> SavedRun | None:
@@ -40,7 +52,7 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> SavedRun | None:
         # would make a script believe a run it asked for is done.
         saved = finished.get("config")
         if not isinstance(saved, dict) and (run_dir / CHECKPOINT).is_file():
-            saved = SavedRun.load(run_dir / CHECKPOINT).config
+            saved = load_saved_run(run_dir / CHECKPOINT).config
         diffs = config_differences(saved, to_plain(cfg)) if isinstance(saved, dict) else []
         if diffs:
             raise CheckpointError(f"{run_dir} already holds a finished run made with other settings "
@@ -50,7 +62,7 @@ def check_run_dir(run_dir: Path, cfg: DictConfig) -> SavedRun | None:
     ckpt_path = run_dir / CHECKPOINT
     if not ckpt_path.is_file():
         return None
-    saved = SavedRun.load(ckpt_path)
+    saved = load_saved_run(ckpt_path)
     diffs = config_differences(saved.config, to_plain(cfg))
     if diffs:
         raise CheckpointError(f"{run_dir} belongs to another config ({'; '.join(diffs)}); "

@@ -215,4 +215,4 @@ def model_for(cfg) -> StochasticResNet:
     """The model a run's config describes (cfg: the whole train config, resolved or plain)."""
     return build_model(str(cfg.model.arch), cfg.depth, cfg.dataset.num_classes, cfg.pL, str(cfg.survival),
                        str(cfg.model.scaling), str(cfg.model.shortcut_pool),
-                       **{k: cfg.model[k] for k in ("bn_init", "conv_init", "fc_bias") if k in cfg.model})
+                       **{k: cfg.model[k] for k in ("bn_init", "conv_init", "fc_bias")})

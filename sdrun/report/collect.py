@@ -1,7 +1,7 @@
 """Finding finished runs below directories and grouping them for `sdrun table` and `sdrun plot`.
 
-A run directory is any directory holding results.json, metrics.jsonl or Hydra's .hydra/
-(single runs and the job folders of multirun sweeps look alike). A run counts when its
+A run directory is what sdrun.rundir.is_run_dir says (single runs and the job folders of
+multirun sweeps look alike). A run counts when its
 results.json says status "finished"; every other run directory is reported as skipped, with
 the reason, and never breaks a table.
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +25,13 @@ from typing import Any, Iterable
 
 from sdrun.config import RUNTIME_ONLY, flatten
 from sdrun.errors import UserError
-from sdrun.rundir import FINISHED, HEADLINE, RESULTS
+from sdrun.rundir import FINISHED, HEADLINE, METRICS, RESULTS, read_jsonl, run_dirs
+from sdrun.text import model_label
 
 # results.json keys the tables and figures read; a finished run without them is corrupt.
 REQUIRED_KEYS = ("dataset", "depth", "pL", "survival", "seed", "epochs", "num_blocks",
                  HEADLINE, "train_time_s", "train_time_per_epoch_s",
-                 "expected_active_blocks", "config")
+                 "expected_active_blocks", "precision", "eval_precision", "config")
 NUMBER_KEYS = ("depth", "pL", "seed", "epochs", "num_blocks", HEADLINE,
                "train_time_s", "train_time_per_epoch_s", "expected_active_blocks")
 
@@ -38,9 +39,9 @@ NUMBER_KEYS = ("depth", "pL", "seed", "epochs", "num_blocks", HEADLINE,
 # be averaged (the runtime-only settings, a resumed run's `resume` among them). The group
 # keys (dataset, depth, pL, survival) and the seed are left out too: they are what rows and
 # averages are made of.
-# precision/eval_precision/bf16: the settings ('auto'); the resolved values are runtime.* below.
+# precision/eval_precision: the settings ('auto'); the resolved values are runtime.* below.
 NOT_RECIPE = RUNTIME_ONLY | {"seed", "pL", "survival", "depth", "dataset.name", "dataset.format",
-                             "precision", "eval_precision", "bf16"}
+                             "precision", "eval_precision"}
 
 Recipe = tuple[tuple[str, Any], ...]
 
@@ -77,7 +78,7 @@ class FinishedRun:
         return self.results["seed"]
 
     def metrics(self) -> list[dict]:
-        return read_metrics(self.path)
+        return read_jsonl(self.path / METRICS)
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,7 @@ class Group:
         return statistics.stdev(values) if len(values) > 1 else None
 
     def label(self) -> str:
-        if self.survival is None:
-            return "constant depth"
-        return f"stochastic, {self.survival} pL={self.pL:g}"
+        return model_label(self.pL, self.survival)
 
 
 def find_runs(roots: Iterable[str | Path]) -> tuple[list[FinishedRun], list[Skipped]]:
@@ -134,12 +133,7 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[FinishedRun], list[Skip
         root = Path(root)
         if not root.is_dir():
             raise RunsError(f"{root} is not a directory")
-        for dirpath, dirnames, filenames in os.walk(root):
-            here = Path(dirpath)
-            if not ({RESULTS, "metrics.jsonl"} & set(filenames) or ".hydra" in dirnames):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                continue
-            dirnames[:] = []  # a run directory holds no further runs
+        for here in run_dirs(root):
             if here.resolve() in seen:
                 continue
             seen.add(here.resolve())
@@ -149,40 +143,26 @@ def find_runs(roots: Iterable[str | Path]) -> tuple[list[FinishedRun], list[Skip
     return runs, sorted(skipped + duplicates, key=lambda s: str(s.path))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-epoch records of metrics.jsonl ([] when absent); a torn last line is dropped."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
 def read_run(path: Path) -> FinishedRun | Skipped:
     results_path = path / RESULTS
     if not results_path.is_file():
-        epochs = len(read_metrics(path))
-        return Skipped(path, f"unfinished: no results.json ({epochs} epoch(s) in metrics.jsonl)")
+        epochs = len(read_jsonl(path / METRICS))
+        return Skipped(path, f"unfinished: no {RESULTS} ({epochs} epoch(s) in {METRICS})")
     try:
         results = json.loads(results_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return Skipped(path, f"corrupt results.json ({e})")
+        return Skipped(path, f"corrupt {RESULTS} ({e})")
     if not isinstance(results, dict):
-        return Skipped(path, "corrupt results.json (not a JSON object)")
+        return Skipped(path, f"corrupt {RESULTS} (not a JSON object)")
     if results.get("status") != FINISHED:
         return Skipped(path, f"status is {results.get('status')!r}, not 'finished'")
     missing = [k for k in REQUIRED_KEYS if results.get(k) is None]
     if missing:
-        return Skipped(path, f"results.json lacks {', '.join(missing)}")
+        return Skipped(path, f"{RESULTS} lacks {', '.join(missing)}")
     bad = [k for k in NUMBER_KEYS
            if isinstance(results[k], bool) or not isinstance(results[k], (int, float)) or not math.isfinite(results[k])]
     if bad or not isinstance(results["config"], dict):
-        return Skipped(path, f"results.json has non-numeric or non-finite {', '.join(bad) or 'config'}")
+        return Skipped(path, f"{RESULTS} has non-numeric or non-finite {', '.join(bad) or 'config'}")
     return FinishedRun(path, results, recipe_of(results))
 
 
@@ -193,23 +173,12 @@ def recipe_of(results: dict) -> Recipe:
     # either. The resolved precision, not the setting ('auto' means tf32 on CUDA, fp32 on
     # the CPU), and the GPU's name: two GPUs of one kind in different machines do average.
     settings["runtime.device"] = str(results.get("device", "?")).split(":")[0]
-    settings["runtime.precision"] = resolved_precision(results)
-    settings["runtime.eval_precision"] = results.get("eval_precision", settings["runtime.precision"])
+    settings["runtime.precision"] = results["precision"]
+    settings["runtime.eval_precision"] = results["eval_precision"]
     hardware = results.get("hardware") or {}
     settings["runtime.gpu"] = hardware.get("name") if hardware.get("type") == "cuda" else None
     settings["runtime.channels_last"] = results.get("channels_last")
     return tuple(sorted((k, _hashable(v)) for k, v in settings.items()))
-
-
-def resolved_precision(results: dict) -> str:
-    """The precision a run trained in. Runs from before the `precision` setting recorded only
-    `bf16`: off meant float32 storage with PyTorch's defaults, i.e. fp32 on the CPU and TF32
-    convolutions on CUDA."""
-    if results.get("precision"):
-        return results["precision"]
-    if results.get("bf16"):
-        return "bf16"
-    return "tf32" if str(results.get("device", "")).startswith("cuda") else "fp32"
 
 
 def _hashable(v: Any) -> Any:
@@ -287,8 +256,6 @@ def load_groups(dirs: list[str]) -> tuple[list[Group], list[str]]:
     """find_runs + group_runs for the report commands, printing skipped runs to stderr.
 
     Raises RunsError for a missing directory and NoRuns when nothing finished is there."""
-    import sys
-
     runs, skipped = find_runs(dirs)
     for s in skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)

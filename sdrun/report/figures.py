@@ -27,17 +27,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from sdrun.errors import ArgParser
-from sdrun.rundir import HEADLINE
 from sdrun.report.collect import Group, RunsError, cohorts, load_groups, variant_labels
+from sdrun.rundir import HEADLINE, METRICS
+from sdrun.text import CONSTANT_DEPTH
 
-ERROR_KEY = HEADLINE
 GRAD_KEY = "grad_mean_abs"      # per-epoch list, one value per block (element 0: block 1), null if it never ran
-STYLE = {"constant depth": {"color": "tab:blue", "linestyle": "--"}, "linear": {"color": "tab:red"},
+STYLE = {CONSTANT_DEPTH: {"color": "tab:blue", "linestyle": "--"}, "linear": {"color": "tab:red"},
          "uniform": {"color": "tab:green"}}
 
 
 def _style(g: Group) -> dict:
-    return STYLE["constant depth"] if g.survival is None else STYLE.get(g.survival, {})
+    return STYLE[CONSTANT_DEPTH] if g.survival is None else STYLE.get(g.survival, {})
 
 
 def series(g: Group, value: Callable[[dict], float | None]) -> tuple[list[int], list[float], list[float]]:
@@ -163,13 +163,13 @@ def fig8_pL(groups: list[Group]) -> Figure | None:
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     for survival, gs in sorted(curves.items()):
-        ax.errorbar([g.pL for g in gs], [g.mean(ERROR_KEY) for g in gs],
-                    yerr=[g.std(ERROR_KEY) or 0.0 for g in gs], marker="o", capsize=3,
+        ax.errorbar([g.pL for g in gs], [g.mean(HEADLINE) for g in gs],
+                    yerr=[g.std(HEADLINE) or 0.0 for g in gs], marker="o", capsize=3,
                     label=f"{survival} (n={min(g.n for g in gs)}-{max(g.n for g in gs)})"
                     if len({g.n for g in gs}) > 1 else f"{survival} (n={gs[0].n})", **STYLE.get(survival, {}))
     for g in groups:
         if g.survival is None:
-            ax.axhline(g.mean(ERROR_KEY), label=f"constant depth (n={g.n})", **STYLE["constant depth"])
+            ax.axhline(g.mean(HEADLINE), label=f"{g.label()} (n={g.n})", **STYLE[CONSTANT_DEPTH])
     ax.set(xlabel="survival probability of the last block, $p_L$", ylabel="test error (%)",
            title="test error at the best-validation epoch, mean ± std over seeds")
     ax.grid(alpha=0.3)
@@ -181,7 +181,7 @@ def fig8_pL(groups: list[Group]) -> Figure | None:
 
 def fig8_heatmap(groups: list[Group], survival: str, variant: str) -> Figure | None:
     """Test error over (depth, pL) for one survival rule; constant-depth runs are its pL = 1 column."""
-    cells = {(g.depth, g.pL): g.mean(ERROR_KEY) for g in groups if g.survival in (None, survival)}
+    cells = {(g.depth, g.pL): g.mean(HEADLINE) for g in groups if g.survival in (None, survival)}
     depths = sorted({d for d, _ in cells})
     pLs = sorted({p for _, p in cells})
     if len(depths) < 2 or len(pLs) < 2:
@@ -254,10 +254,10 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
 
     reasons = {
         "fig3": "Fig. 3 skipped: needs constant-depth (pL=1) and stochastic (linear, pL=0.5) runs "
-                "of the same dataset, depth and recipe, with their metrics.jsonl",
+                f"of the same dataset, depth and recipe, with their {METRICS}",
         "fig4": "Fig. 4 skipped: needs constant-depth (pL=1) and stochastic (linear, pL=0.5) runs on svhn "
-                "or of depth 1202 on cifar10, with their metrics.jsonl",
-        "fig7": f"Fig. 7 skipped: no constant/stochastic pair of runs has '{GRAD_KEY}' in its metrics.jsonl "
+                f"or of depth 1202 on cifar10, with their {METRICS}",
+        "fig7": f"Fig. 7 skipped: no constant/stochastic pair of runs has '{GRAD_KEY}' in its {METRICS} "
                 "(per-block gradient magnitudes, from a trainer that logs them)",
         "fig8_pL": "Fig. 8 left skipped: needs runs at two or more pL < 1 with one survival rule "
                    "(same dataset, depth and recipe)",
@@ -268,7 +268,8 @@ def make_figures(groups: list[Group]) -> tuple[dict[str, Figure], list[str]]:
     return figures, skipped
 
 
-def _safe(stem: str) -> str:
+def safe_stem(stem: str) -> str:
+    """A figure's name as a file name: runs of characters other than letters, digits, _ . - become '-'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem)
 
 
@@ -294,7 +295,7 @@ def main(argv: list[str]) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for stem, fig in figures.items():
         for ext in ("png", "pdf"):
-            path = args.out / f"{_safe(stem)}.{ext}"
+            path = args.out / f"{safe_stem(stem)}.{ext}"
             fig.savefig(path, dpi=150)
-        print(f"wrote {args.out / _safe(stem)}.png and .pdf")
+        print(f"wrote {args.out / safe_stem(stem)}.png and .pdf")
     return 0

@@ -17,10 +17,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sdrun.report.collect import (FinishedRun, NoRuns, RunsError, find_runs, group_runs, read_metrics,
-                           resolved_precision)
 from sdrun.errors import ArgParser
+from sdrun.report.collect import FinishedRun, NoRuns, RunsError, find_runs, group_runs
+from sdrun.report.figures import make_figures, safe_stem
 from sdrun.report.tables import markdown, table1_rows, table2_rows, write_outputs
+from sdrun.text import duration, model_label
 
 VERSION_KEYS = ("sdrun", "python", "torch", "torchvision", "hydra", "omegaconf", "cuda", "platform")
 
@@ -41,22 +42,20 @@ def _setting(results: dict) -> str:
     return f"{results['dataset']} depth {results['depth']}"
 
 
-def _model(results: dict) -> str:
-    return "constant depth" if results["pL"] == 1.0 else f"{results['survival']} pL={results['pL']:g}"
-
-
 def _wall_s(run: FinishedRun) -> float | None:
     """The run's wall time over all its attempts: the last epoch's elapsed_s (sdrun.engine.clock) when the
     trainer logged it, plus the final write; else the last attempt's wall_time_s."""
-    records = read_metrics(run.path)
+    records = run.metrics()
     if records and records[-1].get("elapsed_s") is not None:
         return max(records[-1]["elapsed_s"], run.results.get("wall_time_s") or 0.0)
     return run.results.get("wall_time_s")
 
 
-def what_was_run(runs: list[FinishedRun], skipped: list, dirs: list[str]) -> list[str]:
-    from sdrun.report.tables import duration
+def _hours(seconds: float) -> str:
+    return duration(seconds, days=False)  # GPU time is budgeted in hours, as Table 2 writes it
 
+
+def what_was_run(runs: list[FinishedRun], skipped: list, dirs: list[str]) -> list[str]:
     r = [run.results for run in runs]
     on_gpu = [run for run in runs if str(run.results.get("device", "")).startswith("cuda")]
     walls = [_wall_s(run) for run in runs]
@@ -66,17 +65,17 @@ def what_was_run(runs: list[FinishedRun], skipped: list, dirs: list[str]) -> lis
         f"- **Runs**: {len(runs)} finished below {', '.join(f'`{d}`' for d in dirs)}"
         + (f"; {len(skipped)} not counted (listed under *Not shown*)" if skipped else ""),
         f"- **Datasets and depths**: {_counts(_setting(x) for x in r)}",
-        f"- **Models**: {_counts(_model(x) for x in r)}",
+        f"- **Models**: {_counts(model_label(x['pL'], x['survival']) for x in r)}",
         f"- **Seeds**: {' '.join(str(s) for s in sorted({x['seed'] for x in r}))}",
         f"- **Epochs**: {_counts(x['epochs'] for x in r)}",
         f"- **Device**: {_counts(x.get('device', '?') for x in r)}"
         + (f"; GPU: {_counts(_gpu(x) for x in r if _gpu(x))}" if any(_gpu(x) for x in r) else ""),
-        f"- **Precision**: {_counts(resolved_precision(x) for x in r)}",
-        f"- **Training time** (training passes only, all runs): {duration(sum(x['train_time_s'] for x in r))}",
+        f"- **Precision**: {_counts(x['precision'] for x in r)}",
+        f"- **Training time** (training passes only, all runs): {_hours(sum(x['train_time_s'] for x in r))}",
     ]
     if None not in walls:
-        lines.append(f"- **Wall time** (all runs, evaluation included): {duration(sum(walls))}"
-                     + (f"; on GPUs: {duration(sum(gpu_walls))} GPU time" if on_gpu else ""))
+        lines.append(f"- **Wall time** (all runs, evaluation included): {_hours(sum(walls))}"
+                     + (f"; on GPUs: {_hours(sum(gpu_walls))} GPU time" if on_gpu else ""))
     versions = [x.get("versions") or {} for x in r]
     lines.append("- **Software**: " + "; ".join(
         f"{k} {_counts(v.get(k) for v in versions)}" for k in VERSION_KEYS if any(v.get(k) for v in versions)))
@@ -114,8 +113,6 @@ def analyses_section(found: list[Path], out: Path) -> list[str]:
 
 
 def build(dirs: list[str], out: Path, command: list[str]) -> tuple[Path, list[Path]]:
-    from sdrun.report.figures import _safe, make_figures
-
     runs, skipped = find_runs(dirs)
     if not runs:
         raise NoRuns(f"no finished runs below {', '.join(dirs)} ({len(skipped)} skipped)")
@@ -127,7 +124,7 @@ def build(dirs: list[str], out: Path, command: list[str]) -> tuple[Path, list[Pa
     figures, not_drawn = make_figures(groups)
     figure_lines = ["## Figures (`sdrun plot`)\n"]
     for stem, fig in figures.items():
-        path = out / f"{_safe(stem)}.png"
+        path = out / f"{safe_stem(stem)}.png"
         fig.savefig(path, dpi=120)
         written.append(path)
         figure_lines += [f"![{stem}]({path.name})", ""]

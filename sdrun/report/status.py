@@ -23,11 +23,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdrun.report.collect import read_metrics
+import yaml
+from tabulate import tabulate
+
 from sdrun.errors import ArgParser, UserError
-from sdrun.engine.clock import hms
-from sdrun.liveness import HEARTBEAT, LOCK, is_running
 from sdrun.launch.sweeps import expand_sweep
+from sdrun.liveness import is_running
+from sdrun.rundir import (EVALS, FINISHED, HYDRA_DIR, METRICS, MULTIRUN, SWEEP_SUMMARY, is_run_dir, is_sweep_dir,
+                          read_jsonl, read_results, run_dirs)
+from sdrun.text import duration
 
 STATES = ("finished", "running", "interrupted", "failed", "not started")
 RECENT = 5  # epochs averaged for the seconds per epoch of a run that does not log elapsed_s
@@ -59,7 +63,6 @@ def _json(path: Path):
 
 
 def _yaml(path: Path):
-    import yaml
     try:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -90,26 +93,26 @@ def _s_per_epoch(records: list[dict]) -> float | None:
 def run_state(path: Path, now: float, summary_job: dict | None = None, job: int | None = None,
               overrides: list[str] | None = None) -> RunState:
     s = RunState(str(path), "interrupted", job, list(overrides or []))
-    results = _json(path / "results.json")
-    records = read_metrics(path)
-    config = (results or {}).get("config") or _yaml(path / ".hydra" / "config.yaml") or {}
-    s.epochs = (results or {}).get("epochs") or config.get("epochs")
+    results = read_results(path)
+    records = read_jsonl(path / METRICS)
+    config = results.get("config") or _yaml(path / HYDRA_DIR / "config.yaml") or {}
+    s.epochs = results.get("epochs") or config.get("epochs")
     if not s.overrides:
-        s.overrides = [str(o) for o in (_yaml(path / ".hydra" / "overrides.yaml") or [])]
+        s.overrides = [str(o) for o in (_yaml(path / HYDRA_DIR / "overrides.yaml") or [])]
     if records:
         s.epoch = records[-1].get("epoch", len(records))
         s.elapsed_s = records[-1].get("elapsed_s")
     s.s_per_epoch = _s_per_epoch(records)
-    evals = _jsonl(path / "evals.jsonl")
+    evals = read_jsonl(path / EVALS)
     s.best_val_error_pct, s.test_error_at_best_val_pct = _best(evals or records)
     running, s.why = is_running(path, now)
     if running:
         s.state = "running"
         eta = records[-1].get("eta_s") if records else None
         if eta is not None:  # counted down from when the last epoch was logged
-            since = now - (path / "metrics.jsonl").stat().st_mtime
+            since = now - (path / METRICS).stat().st_mtime
             s.eta_s = max(0.0, eta - since)
-    elif isinstance(results, dict) and results.get("status") == "finished":
+    elif results.get("status") == FINISHED:
         s.state, s.epoch, s.eta_s = "finished", results.get("epochs", s.epoch), 0.0
         s.best_val_error_pct = results.get("best_val_error_pct")
         s.test_error_at_best_val_pct = results.get("test_error_at_best_val_pct")
@@ -120,26 +123,10 @@ def run_state(path: Path, now: float, summary_job: dict | None = None, job: int 
     return s
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break
-    return out
-
-
-def is_run_dir(filenames: set[str], dirnames: list[str]) -> bool:
-    return bool({"results.json", "metrics.jsonl", HEARTBEAT, LOCK} & filenames) or ".hydra" in dirnames
-
-
 def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     """The overrides of every job the sweep was launched with (job number = index), from
     multirun.yaml, expanded as Hydra's basic sweeper does; None when it cannot be read."""
-    cfg = _yaml(sweep_dir / "multirun.yaml")
+    cfg = _yaml(sweep_dir / MULTIRUN)
     try:
         hydra = cfg["hydra"]
         params = hydra["sweeper"].get("params") or {}
@@ -157,7 +144,7 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
 def _job_number(path: Path) -> int | None:
     if path.name.isdigit():
         return int(path.name)
-    hydra = _yaml(path / ".hydra" / "hydra.yaml") or {}
+    hydra = _yaml(path / HYDRA_DIR / "hydra.yaml") or {}
     try:
         return int(hydra["hydra"]["job"]["num"])
     except (KeyError, TypeError, ValueError):
@@ -165,7 +152,7 @@ def _job_number(path: Path) -> int | None:
 
 
 def sweep_state(sweep_dir: Path, job_dirs: list[Path], now: float) -> dict:
-    summary = _json(sweep_dir / "sweep_summary.json") or {}
+    summary = _json(sweep_dir / SWEEP_SUMMARY) or {}
     by_num = {j.get("num"): j for j in summary.get("jobs", []) if isinstance(j, dict)}
     expected = expected_jobs(sweep_dir) or []
     dirs = {}
@@ -192,7 +179,7 @@ def _epochs_of(sweep_dir: Path, overrides: list[str]) -> int | None:
                 return int(o.split("=", 1)[1])
             except ValueError:
                 return None
-    cfg = _yaml(sweep_dir / "multirun.yaml") or {}
+    cfg = _yaml(sweep_dir / MULTIRUN) or {}
     return cfg.get("epochs") if isinstance(cfg.get("epochs"), int) else None
 
 
@@ -212,8 +199,8 @@ def _total(jobs: list[RunState], now: float) -> dict:
     return total
 
 
-def collect(roots: list[str | Path], now: float | None = None) -> dict:
-    """Every sweep and single run below the roots, as plain data (what --json prints)."""
+def survey(roots: list[str | Path], now: float | None = None) -> dict:
+    """The state of every sweep and single run below the roots, as plain data (what --json prints)."""
     now = time.time() if now is None else now
     sweeps, singles, seen = [], [], set()
     for root in roots:
@@ -226,9 +213,10 @@ def collect(roots: list[str | Path], now: float | None = None) -> dict:
             if here.resolve() in seen:
                 dirnames[:] = []
                 continue
-            if {"multirun.yaml", "sweep_summary.json"} & names:
+            if is_sweep_dir(names):
                 seen.add(here.resolve())
-                job_dirs = _run_dirs_below(here, seen)
+                job_dirs = [d for name in sorted(dirnames) if not name.startswith(".") for d in run_dirs(here / name)]
+                seen.update(d.resolve() for d in job_dirs)
                 sweeps.append(sweep_state(here, job_dirs, now))
                 dirnames[:] = []
             elif is_run_dir(names, dirnames):
@@ -239,19 +227,6 @@ def collect(roots: list[str | Path], now: float | None = None) -> dict:
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     return {"time": now, "sweeps": [{**s, "jobs": [asdict(j) for j in s["jobs"]]} for s in sweeps],
             "runs": [asdict(r) for r in singles]}
-
-
-def _run_dirs_below(sweep_dir: Path, seen: set) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(sweep_dir):
-        here = Path(dirpath)
-        if here != sweep_dir and is_run_dir(set(filenames), dirnames):
-            seen.add(here.resolve())
-            found.append(here)
-            dirnames[:] = []
-        else:
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    return found
 
 
 class StatusError(UserError, ValueError):
@@ -270,9 +245,9 @@ def _epoch(r: dict) -> str:
 
 def _eta(r: dict) -> str:
     if r["state"] == "running":
-        return hms(r["eta_s"]) if r["eta_s"] is not None else "?"
+        return duration(r["eta_s"]) if r["eta_s"] is not None else "?"
     if r["left_s"]:
-        return f"({hms(r['left_s'])} left)"
+        return f"({duration(r['left_s'])} left)"
     return "-"
 
 
@@ -286,13 +261,11 @@ def _rows(runs: list[dict], first: str, name, common: frozenset = frozenset()) -
         body.append([name(r), r["state"], _epoch(r), _pct(r["best_val_error_pct"]),
                      _pct(r["test_error_at_best_val_pct"]),
                      "-" if r["s_per_epoch"] is None else f"{r['s_per_epoch']:.1f}",
-                     hms(r["elapsed_s"]), _eta(r), note])
+                     duration(r["elapsed_s"]), _eta(r), note])
     return headers, body
 
 
 def render(data: dict) -> str:
-    from tabulate import tabulate
-
     out = []
     now = data["time"]
     for s in data["sweeps"]:
@@ -301,7 +274,7 @@ def render(data: dict) -> str:
         line = f"sweep {s['dir']}: {t['jobs']} jobs: {', '.join(parts) or 'none'}"
         if t["expected_finish"] is not None:
             line += (f"; expected finish {time.strftime('%Y-%m-%d %H:%M', time.localtime(t['expected_finish']))}"
-                     f" (in {hms(t['expected_finish'] - now)})")
+                     f" (in {duration(t['expected_finish'] - now)})")
         elif t["running"] == 0 and (t["interrupted"] or t["not_started"] or t["failed"]):
             line += "; nothing running (run the sweep command again with this hydra.sweep.dir to finish it)"
         # The overrides every job shares once, above the table; each row shows what it sweeps.
@@ -334,7 +307,7 @@ def main(argv: list[str]) -> int:
         return parser.fail(f"--watch {args.watch:g}: the interval must be positive (seconds)")
     try:
         while True:
-            data = collect(args.dirs)
+            data = survey(args.dirs)
             text = json.dumps(data, indent=1) if args.json else render(data)
             if args.watch is not None and sys.stdout.isatty():
                 sys.stdout.write("\x1b[H\x1b[2J")  # clear the terminal between refreshes

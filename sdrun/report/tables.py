@@ -19,10 +19,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from sdrun.report import paper
+from sdrun import paper
 from sdrun.errors import ArgParser
-from sdrun.rundir import HEADLINE
 from sdrun.report.collect import Group, RunsError, cohorts, load_groups
+from sdrun.rundir import HEADLINE
+from sdrun.text import duration, model_label
 
 TABLE1_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n", "seeds",
                  "test_error_pct_mean", "test_error_pct_std", "paper_test_error_pct", "diff_vs_paper_pct"]
@@ -97,20 +98,13 @@ def _signed(x: float | None) -> str | None:
     return None if x is None else f"{x:+.2f}"
 
 
-def duration(seconds: float | None) -> str | None:
-    """'20h 42m' as the paper writes it; minutes and seconds, or seconds, for short runs."""
-    if seconds is None:
-        return None
-    if seconds >= 3600:
-        minutes = round(seconds / 60)
-        return f"{minutes // 60}h {minutes % 60:02d}m"
-    if seconds >= 60:
-        return f"{int(seconds // 60)}m {round(seconds % 60):02d}s"
-    return f"{seconds:.1f} s"
+def _hours(seconds: float | None) -> str | None:
+    """A training time as the paper's Table 2 writes it ('20h 42m'); None for none (tabulate's '–')."""
+    return None if seconds is None else duration(seconds, days=False)
 
 
 def _model(row: dict) -> str:
-    return "constant depth" if not row["survival"] else f"stochastic {row['survival']} pL={row['pL']:g}"
+    return model_label(row["pL"], row["survival"] or None)
 
 
 def table1_display(rows: list[dict]) -> tuple[list[str], list[list]]:
@@ -126,8 +120,8 @@ def table2_display(rows: list[dict]) -> tuple[list[str], list[list]]:
                "expected-depth ratio", "paper time", "paper ratio"]
     body = [[r["dataset"], str(r["depth"]), _model(r), str(r["epochs"]), str(r["n"]),
              _format_mean_std(r["train_time_per_epoch_s_mean"], r["train_time_per_epoch_s_std"], 3),
-             duration(r["train_time_s_mean"]), _num(r["measured_ratio"]), _num(r["expected_depth_ratio"]),
-             duration(None if r["paper_train_time_min"] is None else 60 * r["paper_train_time_min"]),
+             _hours(r["train_time_s_mean"]), _num(r["measured_ratio"]), _num(r["expected_depth_ratio"]),
+             _hours(None if r["paper_train_time_min"] is None else 60 * r["paper_train_time_min"]),
              _num(r["paper_ratio"])] for r in rows]
     return _with_variant(headers, body, rows)
 

@@ -1,4 +1,6 @@
-"""The paper's published figures, as data: what `sdrun table` prints beside the user's numbers.
+"""The paper's published facts, as data: what `sdrun table` prints beside the user's numbers,
+and the recipe sizes `sdrun bench` projects its step times onto. Imports nothing, so every
+layer may read it.
 
 Source: Huang et al., "Deep Networks with Stochastic Depth", ECCV 2016 (final version),
 Tables 1 and 2 and the text around them. A figure is only shown next to runs of the setting
@@ -7,6 +9,11 @@ decay to p_L = 0.5, "constant" means p_L = 1.
 """
 
 from __future__ import annotations
+
+# CIFAR-10+/100+ (section 4): 5,000 of the 50,000 training images are held out for validation,
+# and a run trains 500 epochs on the other 45,000.
+CIFAR_TRAIN_IMAGES = 50_000 - 5_000
+CIFAR_EPOCHS = 500
 
 # Table 1: test error (%) at the epoch of lowest validation error.
 # (dataset, depth, epochs) -> {"constant": %, "stochastic": %}
