@@ -23,8 +23,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
-CIFAR_TRAIN_IMAGES = 45_000  # the paper's training split (50k less 5k validation)
-PAPER_EPOCHS = 500
+from sdrun.paper import CIFAR_EPOCHS as PAPER_EPOCHS
+from sdrun.paper import CIFAR_TRAIN_IMAGES
+from sdrun.rundir import METRICS, RESULTS, read_jsonl
 PRECISIONS = ("tf32", "bf16", "fp32")
 OPTIONAL_STEPS = {"compile"}  # call 1 runs it only in time the others leave: not needed for "complete"
 
@@ -244,8 +245,7 @@ def train_results(work: Path, settings: dict[str, str]) -> dict:
     for name, args in settings.items():
         run = work / "runs" / name
         entry = {"overrides": args, "schedule_planned": planned_schedule(run)}
-        metrics_path = run / "metrics.jsonl"
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+        rows = read_jsonl(run / METRICS)  # a run cut short may leave a torn last line: dropped
         entry["epochs_done"] = len(rows)
         entry["schedule_run"] = lr_segments([r["lr"] for r in rows]) if rows else None
         if rows:
@@ -258,7 +258,7 @@ def train_results(work: Path, settings: dict[str, str]) -> dict:
                          projected_500_epochs_45k_h=per_image * CIFAR_TRAIN_IMAGES * PAPER_EPOCHS / 3600,
                          test_error_pct=[r["test_error_pct"] for r in rows],
                          train_loss=[r["train_loss"] for r in rows])
-        results_path = run / "results.json"
+        results_path = run / RESULTS
         if results_path.is_file():
             r = json.loads(results_path.read_text())
             entry.update(finished=True, precision=r.get("precision"), eval_precision=r.get("eval_precision"),
@@ -331,7 +331,7 @@ def markdown(rep: dict) -> str:
     lines = md_header(rep, "sdrun GPU acceptance report", "scripts/gpu_acceptance.sh")
     lines += md_pytest("CUDA tests (pytest -m cuda -k 'not compile': tests/test_cuda.py, tests/test_cuda_speed.py)",
                        rep["pytest"])
-    lines += ["", "## sdrun bench, eager, per precision (synthetic CIFAR-shaped batches)", ""]
+    lines += ["", "## sdrun bench, eager, per precision (the embedded digits through the run's own data path, fidelity=reference)", ""]
     if not rep["bench"]:
         lines.append("not run")
     else:

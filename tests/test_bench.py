@@ -1,4 +1,5 @@
-"""`sdrun bench` end to end, shrunk to seconds: the report's structure and its arithmetic.
+"""`sdrun bench` end to end, shrunk to seconds: the report's structure and its arithmetic, and
+that what it times is what `sdrun train` trains.
 
 No timing threshold here (that is what the benchmark itself is for): only that it measures
 what it says, in one process, and writes it all down. Every case goes through the CLI's main()
@@ -42,10 +43,15 @@ def test_bench_writes_every_section(tmp_path):
         assert sd["peak_memory_bytes"] > 0
     ov = res["overhead"]
     assert ov["overhead_fraction"] == pytest.approx(1 - ov["trainer_images_per_s"] / ov["bare_images_per_s"])
+    assert ov["data_path_fraction"] == pytest.approx(1 - ov["bare_images_per_s"] / ov["premade_images_per_s"])
+    assert ov["steps_per_epoch"] == 2 and ov["data"].startswith("digits")
     assert ov["checkpoint_write_s"] > 0
     assert res["eval"]["images"] == 64 and res["eval"]["images_per_s"] > 0
     assert res["layout"]["speedup_channels_last"] > 0
     assert "ratio" in r.stdout and "overhead" in r.stdout and "img/s" in r.stdout
+    # What was benched: the composed config of `sdrun train` with the options as its keys.
+    assert report["config"]["fidelity"] == "reference" and report["config"]["composed"]["depth"] == 8
+    assert report["config"]["overrides"][:3] == ["dataset=digits", "depth=8", "batch_size=16"]
 
 
 def test_bench_sections_and_bad_arguments(tmp_path):
@@ -53,7 +59,10 @@ def test_bench_sections_and_bad_arguments(tmp_path):
     assert r.returncode == 0, r.stderr
     assert set(json.loads((tmp_path / "e.json").read_text())["results"]) == {"eval"}
     for bad in (["--sections", "sd,warp"], ["--steps", "0"], ["--device", "cuda:7"], ["--precision", "tf32"],
-                ["--precision", "fp16"]):
+                ["--precision", "fp16"], ["--set", "depth=20"], ["--set", "pL=0.3"], ["--set", "fidelity"],
+                ["--set", "model.warp=1"], ["--set", "optim.lr=-1"],
+                ["--set", "dataset=cifar10", "--set", "dataset.root=absent"],
+                ["--batch-size", "2000"]):  # more than the digits' 1,237 training images: found at the first build
         r = sdrun_main("bench", *SMALL, *bad, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, bad
         assert r.stderr.startswith("sdrun bench: error:") and len(r.stderr.strip().splitlines()) == 1, bad
@@ -99,12 +108,13 @@ def test_speed_and_concurrent_sections_in_process(tmp_path, capsys):
 
 
 def test_a_failing_concurrent_process_is_named_not_waited_for():
+    from sdrun.launch.compose import compose
     from sdrun.tools.bench_concurrent import ConcurrentFailure, measure
 
-    settings = {"device": "cpu", "depth": 9, "pL": 0.5, "batch_size": 4, "speed": "eager", "warmup": 1,
-                "window_s": 0.1, "chunk": 1, "barrier_timeout_s": 30, "cores": 1}
+    settings = {"warmup": 1, "window_s": 0.1, "chunk": 1, "barrier_timeout_s": 30, "cores": 1}
+    cfg = compose("device=cpu", "depth=9", "batch_size=4")  # unchecked: each process's build fails
     with pytest.raises(ConcurrentFailure, match=r"concurrent K=2: ValueError: depth must be 6n\+2"):
-        measure(2, settings, "cpu")
+        measure(2, settings, cfg, "cpu")
 
 
 class Killed(Exception):
@@ -165,3 +175,80 @@ def test_the_report_is_on_disk_after_each_section_and_each_timed_repeat(tmp_path
     finally:
         torch.set_num_threads(threads)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # written by rename: no temp file left
+
+
+# ---------------------------------------------------------------- the bench times what sdrun train trains
+
+def build_differences(model_a, optimizer_a, model_b, optimizer_b) -> list[str]:
+    """Where two builds differ: a module's type or settings (a shortcut's pooling, a block's
+    survival probability), a parameter's or buffer's name, shape or initial value, an
+    optimiser hyper-parameter. Empty when they are the same network and optimiser."""
+    import torch
+
+    def modules(model):
+        return [(name, type(m).__name__, {k: v for k, v in vars(m).items()
+                                          if not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple))})
+                for name, m in model.named_modules()]
+
+    def hyper(optimizer):
+        return [type(optimizer).__name__] + [{k: v for k, v in g.items() if k != "params"}
+                                             for g in optimizer.param_groups]
+
+    out = [f"module {a[0]}: {a[1:]} vs {b[1:]}" for a, b in zip(modules(model_a), modules(model_b)) if a != b]
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    if list(sa) != list(sb):
+        out.append(f"state_dict names: {sorted(set(sa) ^ set(sb))}")
+    out += [f"{k}: {'shape' if sa[k].shape != sb[k].shape else 'initial value'}"
+            for k in sa if k in sb and not (sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]))]
+    if hyper(optimizer_a) != hyper(optimizer_b):
+        out.append(f"optimiser: {hyper(optimizer_a)} vs {hyper(optimizer_b)}")
+    return out
+
+
+def test_the_bench_times_the_network_optimiser_and_data_that_sdrun_train_builds():
+    """For the same settings, the bench's Stepper (its options turned into overrides, --set
+    included) and `sdrun train`'s build_run (sdrun.engine.setup) give the same composed config,
+    modules, initial weights and buffers (one seed), optimiser settings, gates and first batch,
+    for fidelity=reference (the default: subsampling shortcuts, gamma ~ U(0, 1)) and
+    fidelity=paper (2x2 average pooling, gamma = 1). The control is the Stepper as it was
+    before issue 22 (build_model's defaults, OptimConfig's SGD): this comparison finds it
+    different from the run `sdrun train` trains, so the test can fail."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from sdrun.config import OptimConfig, to_plain
+    from sdrun.engine.optim import make_optimizer
+    from sdrun.engine.setup import build_run
+    from sdrun.launch.compose import compose
+    from sdrun.model.resnet import PadShortcut, build_model
+    from sdrun.rng import seed_global
+    from sdrun.tools.bench import config, parse
+    from sdrun.tools.stepper import Stepper
+
+    options = ["--depth", "8", "--batch-size", "16", "--device", "cpu"]
+    train_keys = ["depth=8", "batch_size=16", "device=cpu", "pL=0.5"]  # `sdrun train depth=8 ...`
+    for preset in ("reference", "paper"):
+        bench = Stepper(config(parse(options + (["--set", "fidelity=paper"] if preset == "paper" else [])), pL=0.5))
+        run = build_run(compose(*train_keys, *(["fidelity=paper"] if preset == "paper" else [])))
+        assert to_plain(bench.cfg) == to_plain(run.cfg)
+        assert build_differences(bench.model, bench.optimizer, run.model, run.state.optimizer) == []
+        assert [bench.run.state.gates.draw() for _ in range(5)] == [run.state.gates.draw() for _ in range(5)]
+        (bx, by), (rx, ry) = bench.next_batch(), next(iter(run.state.batches))
+        assert torch.equal(bx, rx) and torch.equal(by, ry)
+        assert bx.is_contiguous(memory_format=torch.channels_last)  # channels_last=auto: on, as in training
+
+        pools = {m.pool for m in run.model.modules() if isinstance(m, PadShortcut)}
+        gammas = torch.cat([m.weight.detach() for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+        if preset == "reference":
+            assert pools == {"subsample"} and not torch.all(gammas == 1)
+            # The control: the Stepper before issue 22, built as it was (same seed).
+            seed_global(1)
+            old = build_model("cifar_resnet", 8, 10, 0.5, "linear")
+            found = build_differences(old, make_optimizer(old, OmegaConf.structured(OptimConfig)),
+                                      run.model, run.state.optimizer)
+            assert any(d.startswith("module blocks.") and "'avg'" in d and "'subsample'" in d for d in found), found
+            assert "stem.1.weight: initial value" in found  # the stem's BatchNorm gamma: 1 there, U(0, 1) here
+        else:
+            assert pools == {"avg"} and torch.all(gammas == 1)
+    # A section's own keys win over --set: the layout section still compares off with on.
+    assert str(config(parse(options + ["--set", "channels_last=off"]), channels_last="on").channels_last) == "on"
