@@ -21,9 +21,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sdrun train dataset=digits
 
-# One pytest worker per core (at most 4), whole test files per worker: a file's module-scoped
+# The layers' import contracts first (pyproject.toml [tool.importlinter], seconds), then
+# one pytest worker per core (at most 4), whole test files per worker: a file's module-scoped
 # runs are made once, and a subprocess-heavy file overlaps with an in-process one.
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 # The speed figures (sdrun bench --help): SD saving, trainer overhead, eval, ResNet-1202.
