@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/sdrun bench --out bench.json
 
 # What the bare H200 machine lacks (wheels, a CIFAR-10 subset) into the ignored gpu_bundle/,
-# for scripts/gpu_acceptance.sh there (README: GPU acceptance). Needs PyPI and ../shared/data.
+# for scripts/gpu_acceptance.sh there (docs/gpu/runbook.md). Needs PyPI and ../shared/data.
 gpu-bundle: $(STAMP)
 	PYTHON=$(BIN)/python scripts/gpu_bundle.sh
 

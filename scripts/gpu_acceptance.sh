@@ -87,7 +87,7 @@ start_run sdrun_gpu acceptance.log
 # ResNet-110, p_L = 0.5 linear, 20,000 training images (25,000 of the subset less the 5,000
 # held out for validation), batch 128 = 157 steps per epoch; 12 epochs, milestones 8 and 11.
 # Under fidelity=reference (the default: epochs numbered from 1, the lr drops at the epoch
-# numbered m, sdrun/schedule.py) that is lr 0.1 for 7 epochs, 0.01 for 3, 0.001 for 2
+# numbered m, sdrun/engine/schedule.py) that is lr 0.1 for 7 epochs, 0.01 for 3, 0.001 for 2
 # (sdrun.engine.schedule.epochs_per_lr(12, optim) = [(0.1, 7), (0.01, 3), (0.001, 2)]; issue 21
 # corrected this line, which said 8/3/1, the paper-text reading; the prediction below was
 # written with 8/3/1 in mind and is left as it was), about 1,900 steps in all, precision

@@ -6,7 +6,7 @@
 # Time on one GPU (an estimate, unmeasured here): the paper's Table 2 gives, per seed on a
 # TITAN X, 35.8 h (CIFAR-10+, constant + stochastic), 36.2 h (CIFAR-100+) and 59.3 h (SVHN),
 # so about 390 TITAN X hours for the default three presets x 3 seeds; a modern GPU should be
-# several times faster (not measured yet: README, GPU acceptance). ResNet-1202 (2 runs): about 240 TITAN X hours. ImageNet (4 runs of
+# several times faster (not measured yet: docs/gpu/runbook.md). ResNet-1202 (2 runs): about 240 TITAN X hours. ImageNet (4 runs of
 # ResNet-152, 90 and 120 epochs): weeks on one GPU.
 cd "$(dirname "$0")/.."
 source scripts/_sweep.sh

@@ -61,7 +61,7 @@ class EvalPrecision(Choice):
 
 
 # ---- fidelity choices: where the paper's text and the code that produced its Table 1 differ.
-# conf/fidelity/{reference,paper}.yaml set them all at once; README "Fidelity" has the table.
+# conf/fidelity/{reference,paper}.yaml set them all at once; docs/fidelity.md has the table.
 
 class BnInit(Choice):
     """BatchNorm scale (gamma) at initialisation; beta is 0 either way."""
@@ -189,7 +189,7 @@ class ModelConfig:
 
 @dataclass
 class LogConfig:
-    grad_stats: bool = True       # per-block gradient statistics each epoch (sdrun/gradstats.py)
+    grad_stats: bool = True       # per-block gradient statistics each epoch (sdrun/engine/gradstats.py)
     grad_histograms_every: int = 0  # also per-block gradient histograms every N epochs (0 = off)
 
 
@@ -224,7 +224,7 @@ class TrainConfig:
     resume: Optional[str] = None  # a run dir or its checkpoint.pt: continue that run in place
     log: LogConfig = field(default_factory=LogConfig)
     # check=true: build everything up to the first step, time a few steps, print the setting and
-    # the projected training time, write nothing and exit 0 (also with -m; sdrun/preflight.py)
+    # the projected training time, write nothing and exit 0 (also with -m; sdrun/launch/preflight.py)
     check: bool = False
 
 

@@ -20,7 +20,7 @@ Modes (config `speed`, sdrun.config.Speed):
            signatures are captured per branch (the full batch and an epoch's smaller last
            batch); any further one, evaluation (eval mode) and no-grad calls run eagerly.
   auto     eager, on the CPU and on CUDA: no GPU has measured compile or graphs yet, so
-           neither is the default until one does (README, "Speed").
+           neither is the default until one does (docs/speed.md).
 
 BatchNorm under graphs (why the running statistics update exactly as in eager mode):
 - The running-statistics update is part of the captured forward: BatchNorm's training
