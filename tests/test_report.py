@@ -3,11 +3,13 @@
 import csv
 import json
 import math
+import statistics
 
 import pytest
 
 from sdrun import paper
-from sdrun.report.tables import markdown, table1_rows, table2_rows, write_outputs
+from sdrun.report import stats
+from sdrun.report.tables import markdown, seeds_notes, table1_rows, table2_rows, write_outputs
 from sdrun.report.collect import find_runs, group_runs
 from tests.run_fixtures import write_run
 
@@ -155,6 +157,70 @@ def test_table2_ratios_per_epoch(tmp_path):
     assert s["paper_ratio"] == pytest.approx((15 * 60 + 7) / (20 * 60 + 42)) == paper.table2_time_ratio("cifar10", 110, 500)
     assert s["train_time_s_mean"] == 78.5 * 500
     assert row(t2, pL=0.2)["measured_ratio"] is None
+    # The ratio's interval: Welch's on the logs of the per-epoch times, exponentiated.
+    assert (s["ratio_ci95_low"], s["ratio_ci95_high"]) == pytest.approx(stats.ratio_interval([75.0, 82.0],
+                                                                                             [100.0, 110.0]))
+    assert s["ratio_ci95_low"] < 78.5 / 105.0 < s["ratio_ci95_high"]
+    assert c["ratio_ci95_low"] is None and row(t2, pL=0.2)["ratio_ci95_low"] is None
+    ratio_line = next(x for x in markdown([], t2, []).splitlines() if "stochastic linear pL=0.5" in x)
+    assert f"[{s['ratio_ci95_low']:.2f}, {s['ratio_ci95_high']:.2f}]" in ratio_line
+
+
+# R's documented t.test(extra ~ group, data = sleep) (datasets::sleep), shifted by +5 points so they
+# read as test errors (a shift changes neither the difference's interval nor the p-value): t = -1.8608,
+# df = 17.776, p-value = 0.07939, 95 percent CI -3.3654832 0.2054832 (tests/test_stats.py).
+SLEEP_1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
+SLEEP_2 = [1.9, 0.8, 1.1, 0.1, -0.1, 4.4, 5.5, 1.6, 4.6, 3.4]
+
+
+def test_stochastic_vs_constant_difference_interval_p_and_verdict(tmp_path):
+    for seed, (sd, const) in enumerate(zip(SLEEP_1, SLEEP_2), start=1):
+        write_run(tmp_path / f"sd{seed}", seed=seed, error=5 + sd)
+        write_run(tmp_path / f"c{seed}", pL=1.0, seed=seed, error=5 + const)
+    write_run(tmp_path / "other", pL=0.5, survival="uniform", seed=1, error=2.0)  # n = 1 against 10
+    t1, _, _, _ = tables(tmp_path)
+    r = row(t1, pL=0.5, survival="linear")
+    assert r["diff_vs_constant_pct"] == pytest.approx(0.75 - 2.33)
+    assert r["diff_ci95_low_pct"] == pytest.approx(-3.3654832, abs=5e-8)
+    assert r["diff_ci95_high_pct"] == pytest.approx(0.2054832, abs=5e-8)
+    assert r["p_value"] == pytest.approx(0.07939, abs=5e-6) and r["welch_df"] == pytest.approx(17.776, abs=5e-4)
+    assert r["verdict"] == "not distinguishable with these seeds"
+    # Seeds needed for the paper's CIFAR-10+ difference at the spread observed here.
+    assert r["paper_diff_pct"] == pytest.approx(5.25 - 6.41)
+    spread = math.sqrt((9 * statistics.variance(SLEEP_1) + 9 * statistics.variance(SLEEP_2)) / 18)
+    assert r["pooled_std_pct"] == pytest.approx(spread)
+    n = r["seeds_needed_80pct_power"]
+    assert n == stats.seeds_needed(1.16, spread)
+    assert stats.power(n - 1, 1.16, spread) < 0.8 <= stats.power(n, 1.16, spread)
+    const = row(t1, pL=1.0)
+    assert all(const[k] is None for k in ("diff_vs_constant_pct", "p_value", "verdict", "seeds_needed_80pct_power"))
+    other = row(t1, survival="uniform")
+    assert other["verdict"] == "n = 1: no interval" and other["p_value"] is None
+    assert other["seeds_needed_80pct_power"] is None and other["paper_diff_pct"] is None  # not the paper's setting
+
+    md = markdown(t1, [], [])
+    line = next(x for x in md.splitlines() if "stochastic linear pL=0.5" in x)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-4:] == ["-1.58", "[-3.37, +0.21]", "0.079", "not distinguishable with these seeds"]
+    line = next(x for x in md.splitlines() if "uniform" in x)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-3:] == ["n = 1: no interval", "–", "–"]
+    (note,) = seeds_notes(t1)
+    assert note == (f"cifar10 depth 110 stochastic linear pL=0.5: the paper's difference to constant depth, "
+                    f"-1.16 points, needs {n} seeds per side for 80 % power at the observed spread "
+                    f"(pooled sd {spread:.2f}; two-sided t-test at 5 %)")
+    assert f"- {note}" in md.split("## Table 2")[0]
+
+
+def test_clear_differences_get_a_direction(tmp_path):
+    for seed in (1, 2, 3):
+        write_run(tmp_path / f"sd{seed}", seed=seed, error=5.0 + 0.1 * seed)
+        write_run(tmp_path / f"c{seed}", pL=1.0, seed=seed, error=6.5 - 0.1 * seed)
+        write_run(tmp_path / f"u{seed}", pL=0.2, survival="uniform", seed=seed, error=9.0 + 0.2 * seed)
+    t1, _, _, _ = tables(tmp_path)
+    assert row(t1, survival="linear", pL=0.5)["verdict"] == "lower"
+    assert row(t1, survival="uniform")["verdict"] == "higher"
+    assert row(t1, pL=0.5)["diff_ci95_high_pct"] < 0 < row(t1, survival="uniform")["diff_ci95_low_pct"]
 
 
 def test_outputs_csv_latex_markdown(tmp_path):
@@ -168,8 +234,18 @@ def test_outputs_csv_latex_markdown(tmp_path):
         rows = list(csv.DictReader(f))
     assert [(float(r["pL"]), float(r["test_error_pct_mean"]), r["test_error_pct_std"]) for r in rows] == \
         [(1.0, 6.0, ""), (0.5, 5.0, "")]
+    assert [(r["verdict"], r["p_value"], r["diff_ci95_low_pct"], r["seeds_needed_80pct_power"]) for r in rows] == \
+        [("", "", "", ""), ("n = 1: no interval", "", "", "")]
+    assert float(rows[1]["diff_vs_constant_pct"]) == -1.0 and float(rows[1]["paper_diff_pct"]) == pytest.approx(-1.16)
     tex = (tmp_path / "out" / "table1.tex").read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "test error (\\%)" in tex
+    assert "n = 1: no interval" in tex and "95\\% CI" in tex
+    assert "needs $\\geq$ 2 seeds per side to estimate" in tex and "80 \\% power" in tex
+    assert "needs >= 2 seeds per side to estimate" in md
+    with open(tmp_path / "out" / "table2.csv", newline="") as f:
+        rows2 = list(csv.DictReader(f))
+    assert "_ratio_no_interval" not in rows2[0] and rows2[1]["ratio_ci95_low"] == ""
+    assert "n = 1: no interval" in md.split("## Table 2")[1]
     assert "| constant depth" in md and "5.00" in md and "5.25" in md and "-0.25" in md
     table2_md = md.split("## Table 2")[1]
     assert "8h 20m" in table2_md and "20h 42m" in table2_md and "0.73" in table2_md

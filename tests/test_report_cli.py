@@ -1,7 +1,10 @@
 """sdrun table and sdrun plot through the console script, on real runs of the smoke preset;
 their bad-input cases through the same main() in process."""
 
+import csv
 import json
+import math
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -47,14 +50,47 @@ def test_table_from_a_sweep_and_a_single_run(smoke_runs, tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:5] == ["digits", "8", "stochastic linear pL=0.5", "3", "3"]
     assert cells[5] == f"{statistics.fmean(stochastic):.2f} ± {statistics.stdev(stochastic):.2f}"
-    assert cells[6:] == ["–", "–"]  # no paper figure for digits
+    assert cells[6:8] == ["–", "–"]  # no paper figure for digits
     assert f"{statistics.fmean(constant):.2f} ± {statistics.stdev(constant):.2f}" in md
+    # Against the constant-depth runs (3 seeds against 2): difference, Welch's interval, p, verdict.
+    assert float(cells[8]) == pytest.approx(statistics.fmean(stochastic) - statistics.fmean(constant), abs=0.006)
+    low, high = map(float, re.fullmatch(r"\[([-+]\d+\.\d\d), ([-+]\d+\.\d\d)\]", cells[9]).groups())
+    assert low <= float(cells[8]) <= high
+    assert 0 <= float(cells[10]) <= 1
+    assert cells[11] in ("lower", "higher", "not distinguishable with these seeds")
+    with open(tmp_path / "t" / "table1.csv", newline="") as f:
+        sd_row = next(x for x in csv.DictReader(f) if x["pL"] == "0.5")
+    for key in ("diff_vs_constant_pct", "diff_ci95_low_pct", "diff_ci95_high_pct", "welch_df", "p_value"):
+        assert math.isfinite(float(sd_row[key])), key
+    assert sd_row["seeds_needed_80pct_power"] == ""  # the paper has no digits figure
 
     table2 = (tmp_path / "t" / "table2.csv").read_text().splitlines()
     assert table2[0].startswith("dataset,depth,pL,survival,variant,epochs,n,train_time_per_epoch_s_mean")
     assert len(table2) == 3
+    sd_times = next(x for x in csv.DictReader(table2) if x["pL"] == "0.5")
+    low, high = float(sd_times["ratio_ci95_low"]), float(sd_times["ratio_ci95_high"])
+    assert 0 < low <= high and math.isfinite(high)
     assert (tmp_path / "t" / "tables.md").read_text().strip() == md.strip()
     assert "\\toprule" in (tmp_path / "t" / "table1.tex").read_text()
+
+
+def test_table_with_one_seed_a_side_gives_no_interval(smoke_runs, tmp_path):
+    """One stochastic and one constant-depth run of the smoke sweep: a difference but no interval, no p-value."""
+    by_pL = {}
+    for path in sorted((smoke_runs / "sweep").glob("*/results.json")):
+        by_pL.setdefault(json.loads(path.read_text())["pL"], path.parent)
+    r = sdrun_main("table", str(by_pL[0.5]), str(by_pL[1.0]), "--out", str(tmp_path / "t"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if "stochastic linear pL=0.5" in x)
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == "1" and re.fullmatch(r"[-+]\d+\.\d\d", cells[8])
+    assert cells[9:] == ["n = 1: no interval", "–", "–"]
+    table2 = r.stdout.split("## Table 2")[1]
+    assert "n = 1: no interval" in next(x for x in table2.splitlines() if "stochastic linear pL=0.5" in x)
+    with open(tmp_path / "t" / "table1.csv", newline="") as f:
+        sd_row = next(x for x in csv.DictReader(f) if x["pL"] == "0.5")
+    assert sd_row["verdict"] == "n = 1: no interval"
+    assert sd_row["p_value"] == sd_row["diff_ci95_low_pct"] == ""
 
 
 def test_plot_from_real_runs(smoke_runs, tmp_path):
@@ -91,6 +127,7 @@ def test_report_page_holds_sdrun_tables_tables_figures_and_analyses(smoke_runs, 
     assert report_main([*dirs, "--out", str(out)]) == 0
     page = (out / "REPORT.md").read_text()
     assert tables.strip() in page  # the very tables `sdrun table` prints
+    assert "vs constant" in page and "ratio 95% CI" in page  # Welch's comparisons, on the page too
     assert sorted(p.name for p in out.iterdir()) == ["REPORT.md", "analysis1_ensemble.png", "fig3_digits_d8.png",
                                                      "fig7_digits_d8.png", "tables"]
     for name in ("fig3_digits_d8.png", "fig7_digits_d8.png", "analysis1_ensemble.png"):
