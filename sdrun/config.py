@@ -236,9 +236,25 @@ def _is_cifar_depth(depth: int) -> bool:
     return depth >= 8 and (depth - 2) % 6 == 0
 
 
+def unknown_keys(cfg: DictConfig) -> list[str]:
+    """Keys of a composed config that the schema does not define, each with the nearest known one.
+
+    Hydra opens the schema's struct flag for `+key=value`, so a typo such as `+pl=0.9` would
+    otherwise be composed, ignored by every reader and the run would train with the default."""
+    import difflib
+
+    known = set(flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), enum_to_str=True)))
+    given = flatten(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+    out = []
+    for key in sorted(k for k in given if k not in known and k.split(".")[0] != "hydra"):
+        near = [k for k in known if k.lower() == key.lower()] or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        out.append(f"{key} is not a setting sdrun knows" + (f" (did you mean {near[0]}?)" if near else ""))
+    return out
+
+
 def validate(cfg: DictConfig | Any) -> None:
     """Range and consistency checks that types alone cannot express."""
-    problems = []
+    problems = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
     if not 0.0 <= cfg.pL <= 1.0:
         problems.append(f"pL={cfg.pL} is outside [0, 1] (it is the last block's survival probability)")
     if cfg.model.scaling == BranchScaling.inverted and cfg.pL == 0.0:

@@ -85,6 +85,9 @@ CASES = [
     (["model.scaling=sideways"], "Invalid value 'sideways'"),
     (["dataset.loader=disk"], "Invalid value 'disk'"),
     (["epochs=-3"], "epochs=-3 must be at least 1"),
+    # `+` opens Hydra's struct flag: a typo would be composed and silently ignored (issue 23)
+    (["+pl=0.9"], "pl is not a setting sdrun knows (did you mean pL?)"),
+    (["+optim.lrr=0.9"], "optim.lrr is not a setting sdrun knows (did you mean optim.lr?)"),
     (["batch_size=0"], "batch_size=0 must be at least 1"),
     (["log.grad_histograms_every=-1"], "log.grad_histograms_every=-1 must be >= 0"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
