@@ -7,6 +7,7 @@ files under conf/ only set values; every key they may set is declared here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -67,6 +68,9 @@ class BnInit(Choice):
     """BatchNorm scale (gamma) at initialisation; beta is 0 either way."""
     uniform = "uniform"  # gamma ~ U(0, 1): Torch7 nn.BatchNormalization:reset(), what the reference code ran
     ones = "ones"        # gamma = 1: fb.resnet.torch and common practice (the paper does not say)
+    # each block's first BN gamma ~ N(1, 0.002), the others U(0, 1): the reference's first public
+    # commit (2016-04-01), commented out four days later (docs/fidelity.md)
+    first_normal = "first_normal"
 
 
 class ShortcutPool(Choice):
@@ -147,7 +151,10 @@ class DatasetConfig:
     check_md5: bool = True        # torchvision's checksum check of the official files
     num_classes: int = 10
     image_size: int = 32
-    val_size: int = 5000          # held out from the training split with the run's seed
+    val_size: int = 5000          # held out from the training split with split_seed
+    # seed of the train/validation split (and SVHN's per-class draw); null = the run's seed. The
+    # reference seeds once (torch.manualSeed(1)), so all its Table 1 runs share one split: split_seed=1
+    split_seed: Optional[int] = None
     translate: int = 4            # random translation of up to this many pixels (0 = off)
     flip: bool = True             # random horizontal flip with p = 0.5
     # svhn: validation images per class held out from [train, extra] with the run's seed
@@ -252,6 +259,37 @@ def unknown_keys(cfg: DictConfig) -> list[str]:
     return out
 
 
+def _optim_problems(o: Any, epochs: int) -> list[str]:
+    """The optimiser's and the schedule's ranges. NaN fails every comparison, so each number is
+    first checked to be finite (`optim.lr=nan` would otherwise train until the loss is NaN)."""
+    problems = []
+    for key, low, high, rule in (("lr", 0, math.inf, "> 0"), ("warmup_lr", 0, math.inf, "> 0"),
+                                 ("gamma", 0, 1, "in (0, 1]")):
+        if not (math.isfinite(o[key]) and low < o[key] <= high):
+            problems.append(f"optim.{key}={o[key]} must be a finite number {rule}")
+    if not (math.isfinite(o.momentum) and 0 <= o.momentum < 1):
+        problems.append(f"optim.momentum={o.momentum} must be in [0, 1)")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        problems.append(f"optim.weight_decay={o.weight_decay} must be a finite number >= 0")
+    if not 0 <= o.warmup_epochs < max(epochs, 1):
+        problems.append(f"optim.warmup_epochs={o.warmup_epochs} must be in [0, epochs={epochs}) "
+                        "(the warm-up must leave the run epochs at optim.lr)")
+    milestones = list(o.milestones)
+    if any(m < 0 for m in milestones) or milestones != sorted(milestones):
+        problems.append(f"optim.milestones={milestones} must be increasing epochs >= 0")
+    else:
+        # A milestone past the run's end never drops the lr: on a shortened run (epochs=100 with
+        # the recipe's [250, 375]) it would silently train at the first lr throughout. A
+        # milestone at the end itself is allowed: it is the 90-epoch ImageNet run's drop at 90,
+        # which that run (the first 90 epochs of the paper's 120-epoch one) does not reach.
+        late = [m for m in milestones if m > epochs]
+        if late:
+            problems.append(f"optim.milestones={milestones} reach past the run's end (epochs={epochs}): the lr "
+                            f"would never drop at {', '.join(map(str, late))}; set milestones within the epochs, "
+                            f"e.g. optim.milestones=[] for a constant lr")
+    return problems
+
+
 def validate(cfg: DictConfig | Any) -> None:
     """Range and consistency checks that types alone cannot express."""
     problems = unknown_keys(cfg) if isinstance(cfg, DictConfig) else []
@@ -282,18 +320,23 @@ def validate(cfg: DictConfig | Any) -> None:
         problems.append(f"log.grad_histograms_every={cfg.log.grad_histograms_every} must be >= 0 (0 = off)")
     if cfg.num_workers < 0:
         problems.append(f"num_workers={cfg.num_workers} must be >= 0")
-    if cfg.optim.lr <= 0:
-        problems.append(f"optim.lr={cfg.optim.lr} must be positive")
-    if cfg.optim.weight_decay < 0 or not 0 <= cfg.optim.momentum < 1:
-        problems.append("optim.weight_decay must be >= 0 and optim.momentum in [0, 1)")
-    if any(m < 0 for m in cfg.optim.milestones) or list(cfg.optim.milestones) != sorted(cfg.optim.milestones):
-        problems.append(f"optim.milestones={list(cfg.optim.milestones)} must be increasing epochs >= 0")
+    problems += _optim_problems(cfg.optim, cfg.epochs)
     if cfg.dataset.val_size < 0:
         problems.append(f"dataset.val_size={cfg.dataset.val_size} must be >= 0")
     if cfg.dataset.translate < 0:
         problems.append(f"dataset.translate={cfg.dataset.translate} must be >= 0")
-    if cfg.dataset.color_jitter < 0 or cfg.dataset.lighting < 0:
-        problems.append("dataset.color_jitter and dataset.lighting must be >= 0 (0 = off)")
+    for key in ("color_jitter", "lighting"):
+        if not math.isfinite(cfg.dataset[key]) or cfg.dataset[key] < 0:
+            problems.append(f"dataset.{key}={cfg.dataset[key]} must be a finite number >= 0 (0 = off)")
+    for key in ("image_size", "resize_size"):
+        if cfg.dataset[key] < 1:
+            problems.append(f"dataset.{key}={cfg.dataset[key]} must be at least 1 (pixels)")
+    if cfg.dataset.num_classes < 2:
+        problems.append(f"dataset.num_classes={cfg.dataset.num_classes} must be at least 2")
+    # torch.manual_seed and numpy's SeedSequence take non-negative 64-bit seeds
+    for key, seed in (("seed", cfg.seed), ("dataset.split_seed", cfg.dataset.split_seed)):
+        if seed is not None and not 0 <= seed < 2**63:
+            problems.append(f"{key}={seed} must be an integer in [0, 2^63)")
     if cfg.speed == Speed.graphs and cfg.device == "cpu":
         problems.append("speed=graphs needs a CUDA device (it captures CUDA graphs); use speed=eager or compile on the CPU")
     if problems:

@@ -23,6 +23,8 @@ METRICS = "metrics.jsonl"        # one line per epoch, appended as each ends
 EVALS = "evals.jsonl"            # with eval_every_steps: one line per evaluation
 CHECKPOINT = "checkpoint.pt"     # the latest epoch's full training state (sdrun.engine.state)
 RESULTS = "results.json"         # the headline numbers, when the run has finished
+ERROR = "error.json"             # a run that stopped on an error: {"error": one line, "type", "time"}
+                                 # (sdrun.launch.app); removed when the run trains again
 LOCK = ".sdrun.lock"             # flocked while a process trains the run; stays afterwards (sdrun.liveness)
 HEARTBEAT = ".sdrun.heartbeat"   # who trains it, renewed while it does (sdrun.liveness)
 HYDRA_DIR = ".hydra"             # Hydra's snapshot of the run's config and overrides
@@ -67,10 +69,10 @@ WALL_CLOCK_KEYS = frozenset({
 # A run directory holds one of these files, or Hydra's .hydra/. The lock and the heartbeat
 # count too: they mark a run that is training (or was killed) before its first epoch ended
 # where Hydra wrote no .hydra/ (hydra.output_subdir=null, a run trained through
-# sdrun.launch.app.train directly), and the lock file outlives the process. evals.jsonl and
-# checkpoint.pt need not be listed: the first is written under the lock, the second after
-# metrics.jsonl.
-RUN_FILES = frozenset({RESULTS, METRICS, LOCK, HEARTBEAT})
+# sdrun.launch.app.train directly), and the lock file outlives the process; error.json marks
+# one that failed there. evals.jsonl and checkpoint.pt need not be listed: the first is
+# written under the lock, the second after metrics.jsonl.
+RUN_FILES = frozenset({RESULTS, METRICS, ERROR, LOCK, HEARTBEAT})
 
 
 def is_run_dir(filenames: Iterable[str], dirnames: Iterable[str]) -> bool:

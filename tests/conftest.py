@@ -38,7 +38,7 @@ from sdrun.rundir import read_jsonl  # noqa: E402, F401 (the tests read runs wit
 SDRUN = str(Path(sys.executable).with_name("sdrun"))
 
 # The smallest real training run: ResNet-8 (L = 3 blocks) on the digits, a few steps.
-TINY = ["dataset=digits", "depth=8", "epochs=2", "max_steps_per_epoch=3", "batch_size=32",
+TINY = ["dataset=digits", "depth=8", "epochs=2", "optim.milestones=[]", "max_steps_per_epoch=3", "batch_size=32",
         "eval_batch_size=512", "checkpoint=false"]
 # The tiny run of the shared console_runs fixture: seed 2, an lr drop after epoch 1, a checkpoint.
 # lr drop after epoch 1: under the reference's epoch counting (the default optim.epoch_base=one)

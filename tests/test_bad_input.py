@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import run_sdrun, sdrun_main, write_cifar_pickles
 
-BASE = ["dataset=digits", "depth=8", "epochs=3", "max_steps_per_epoch=2", "batch_size=32"]
+BASE = ["dataset=digits", "depth=8", "epochs=3", "optim.milestones=[2]", "max_steps_per_epoch=2", "batch_size=32"]
 
 
 class Evil:
@@ -92,9 +92,38 @@ CASES = [
     (["log.grad_histograms_every=-1"], "log.grad_histograms_every=-1 must be >= 0"),
     (["no_such_key=1"], "Could not override 'no_such_key'"),
     (["dataset.colour=red"], "Could not override 'dataset.colour'"),
-    (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
+    # Ranges of every numeric setting, NaN and infinity included (issue 23): before anything is made
+    (["optim.lr=-0.1"], "optim.lr=-0.1 must be a finite number > 0"),
+    (["optim.lr=nan"], "optim.lr=nan must be a finite number > 0"),
+    (["optim.lr=inf"], "optim.lr=inf must be a finite number > 0"),
     (["optim.milestones=[375,250]"], "optim.milestones=[375, 250] must be increasing"),
-    (["optim.momentum=1.5"], "optim.momentum in [0, 1)"),
+    (["optim.milestones=[2,4]"], "optim.milestones=[2, 4] reach past the run's end (epochs=3): the lr would never drop at 4"),
+    # a shortened run keeping a longer recipe's milestone would never drop its lr
+    (["epochs=1"], "optim.milestones=[2] reach past the run's end (epochs=1)"),
+    (["optim.momentum=1.5"], "optim.momentum=1.5 must be in [0, 1)"),
+    (["optim.momentum=nan"], "optim.momentum=nan must be in [0, 1)"),
+    (["optim.weight_decay=-1e-4"], "optim.weight_decay=-0.0001 must be a finite number >= 0"),
+    (["optim.weight_decay=nan"], "optim.weight_decay=nan must be a finite number >= 0"),
+    (["optim.gamma=0"], "optim.gamma=0.0 must be a finite number in (0, 1]"),
+    (["optim.gamma=10"], "optim.gamma=10.0 must be a finite number in (0, 1]"),
+    (["optim.warmup_lr=-inf"], "optim.warmup_lr=-inf must be a finite number > 0"),
+    (["optim.warmup_epochs=3"], "optim.warmup_epochs=3 must be in [0, epochs=3)"),
+    (["optim.warmup_epochs=-1"], "optim.warmup_epochs=-1 must be in [0, epochs=3)"),
+    (["pL=nan"], "pL=nan is outside [0, 1]"),
+    (["seed=-1"], "seed=-1 must be an integer in [0, 2^63)"),
+    (["dataset.split_seed=-5"], "dataset.split_seed=-5 must be an integer in [0, 2^63)"),
+    (["eval_every_steps=0"], "eval_every_steps=0 must be at least 1"),
+    (["eval_batch_size=0"], "eval_batch_size=0 must be at least 1"),
+    (["max_steps_per_epoch=0"], "max_steps_per_epoch=0 must be at least 1"),
+    (["num_workers=-2"], "num_workers=-2 must be >= 0"),
+    (["dataset.val_size=-1"], "dataset.val_size=-1 must be >= 0"),
+    (["dataset.translate=-4"], "dataset.translate=-4 must be >= 0"),
+    (["dataset.image_size=0"], "dataset.image_size=0 must be at least 1"),
+    (["dataset.image_size=300"], "dataset.resize_size=256 must be >= dataset.image_size=300"),
+    (["dataset.num_classes=1"], "dataset.num_classes=1 must be at least 2"),
+    (["dataset.val_per_class=[400]"], "dataset.val_per_class=[400] must be two counts >= 0"),
+    (["dataset.color_jitter=nan"], "dataset.color_jitter=nan must be a finite number >= 0"),
+    (["dataset.lighting=-0.1"], "dataset.lighting=-0.1 must be a finite number >= 0"),
     (["device=tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
     (["precision=fp16"], "Invalid value 'fp16'"),
     (["device=cpu", "precision=tf32", "hydra.run.dir={w}/new"], "precision=tf32 is a CUDA tensor-core mode"),
@@ -166,6 +195,18 @@ def test_bad_invocation(world, args, expected):
 @pytest.mark.parametrize("args,expected", CONSOLE, ids=ids(CONSOLE))
 def test_bad_invocation_through_the_console_script(world, args, expected):
     check_refused(world, args, expected, run_sdrun)
+
+
+def test_a_sweep_with_an_out_of_range_job_starts_none(world):
+    """The range rules run in the sweep's pre-flight too: one line per bad job, then the verdict."""
+    before = snapshot(world)
+    # -m after the first override, as users type it (argparse alone would print its usage)
+    r = sdrun_main("train", *BASE, "-m", "optim.lr=0.1,nan", "hydra.sweep.dir=sweep", cwd=world)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines() == [
+        "sdrun train: error: job 1 (optim.lr=nan): optim.lr=nan must be a finite number > 0",
+        "sdrun train: error: sweep not launched: 1 of 2 jobs would fail (listed above); nothing was started"]
+    assert snapshot(world) == before and not (world / "sweep").exists()
 
 
 @pytest.mark.parametrize("where", ["hydra.run.dir={w}/done", "resume={w}/done"])

@@ -88,6 +88,7 @@ def test_cifar10_pickles_end_to_end(tmp_path):
     root = write_cifar_pickles(tmp_path / "c10", per_batch=40, test=50)
     results = train_in_process(tmp_path / "run", "dataset=cifar10", f"dataset.root={root}",
                                "dataset.check_md5=false", "dataset.val_size=50", "depth=8", "epochs=1",
+                               "optim.milestones=[]",
                                "batch_size=50")
     (m,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert m["step"] == 3  # 150 training images after the 50-image validation split

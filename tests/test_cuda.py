@@ -49,7 +49,7 @@ pytestmark = [pytest.mark.cuda,
                                  reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")]
 
 # ResNet-20 (L = 9 blocks) on the digits; pL 0.5 so that steps drop blocks.
-RUN = ["dataset=digits", "depth=20", "pL=0.5", "epochs=2", "max_steps_per_epoch=4", "batch_size=32",
+RUN = ["dataset=digits", "depth=20", "pL=0.5", "epochs=2", "optim.milestones=[]", "max_steps_per_epoch=4", "batch_size=32",
        "eval_batch_size=512", "device=cuda", "progress=off"]
 
 

@@ -154,7 +154,7 @@ def test_tiny_run(tmp_path, capsys):
     run = tmp_path / "run"
     results = train_in_process(run, "dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}",
                                "dataset.num_classes=3", "dataset.image_size=32", "dataset.resize_size=36",
-                               "dataset.val_size=3", "depth=18", "epochs=2", "batch_size=4", "eval_batch_size=4",
+                               "dataset.val_size=3", "depth=18", "epochs=2", "optim.milestones=[]", "batch_size=4", "eval_batch_size=4",
                                "num_workers=1", "checkpoint=true")
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [3, 6]  # 12 training images in batches of 4
@@ -204,7 +204,7 @@ def test_tiny_imagenet_run_under_torchrun_in_one_process(tmp_path):
     # needs more than one value per channel, so no rank may get a batch of 1); val/ has 3 x 5.
     write_imagenet_folder(tmp_path / "imagenet", per_class=(6, 5))
     args = ["dataset=imagenet", f"dataset.root={tmp_path / 'imagenet'}", "dataset.num_classes=3",
-            "dataset.image_size=32", "dataset.resize_size=36", "depth=18", "epochs=2", "batch_size=6",
+            "dataset.image_size=32", "dataset.resize_size=36", "depth=18", "epochs=2", "optim.milestones=[]", "batch_size=6",
             "eval_batch_size=4", "num_workers=0"]
     r = torchrun("--no-python", str(Path(sys.executable).with_name("sdrun")), "train", *args, cwd=tmp_path, nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -44,7 +44,8 @@ def test_parallel_sweep_lands_where_runs_are_found_and_names_its_failed_jobs(tmp
     (tmp_path / "bad" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"truncated")
     # jobs_per_gpu is sdrun's key: it must reach the jobs and never joblib.Parallel.
     r = run_sdrun("train", "-m", "dataset=cifar10", "dataset.check_md5=false", "dataset.val_size=20", "depth=8",
-                  "epochs=1", "max_steps_per_epoch=2", "batch_size=32", "checkpoint=false", "dataset.root=good,bad",
+                  "epochs=1", "optim.milestones=[]", "max_steps_per_epoch=2", "batch_size=32", "checkpoint=false",
+                  "dataset.root=good,bad",
                   "seed=1,2", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.launcher.jobs_per_gpu=3",
                   "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2

@@ -33,7 +33,7 @@ def test_sweep_with_one_bad_value_launches_nothing_and_names_it(tmp_path):
 
 def test_sweep_over_a_missing_dataset_launches_nothing(tmp_path):
     write_cifar_pickles(tmp_path / "c10")
-    r = sdrun_main("train", "-m", "dataset=cifar10", "dataset.root=c10,nowhere", "depth=8,abc", "epochs=1",
+    r = sdrun_main("train", "-m", "dataset=cifar10", "dataset.root=c10,nowhere", "depth=8,abc", "epochs=1", "optim.milestones=[]",
                    "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 2
     errors = r.stderr.strip().splitlines()

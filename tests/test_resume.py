@@ -29,7 +29,7 @@ from tests.conftest import SDRUN, read_jsonl, sdrun_main
 # Six short epochs with step evaluations (SVHN's protocol), so evals.jsonl and the best-val
 # step must survive the interruptions too; an epoch is a fraction of a second, a process's
 # start-up several seconds, so the interruption chain below has epochs to spare.
-RUN = ["dataset=digits", "depth=8", "epochs=6", "max_steps_per_epoch=4", "batch_size=32",
+RUN = ["dataset=digits", "depth=8", "epochs=6", "optim.milestones=[]", "max_steps_per_epoch=4", "batch_size=32",
        "eval_batch_size=512", "eval_every_steps=3"]
 
 # Runs the real trainer in a child process whose N-th checkpoint write kills the process

@@ -10,7 +10,7 @@ from sdrun.launch.runs import AlreadyFinished, check_run_dir
 from sdrun.rundir import CheckpointError
 from tests.conftest import compose_cfg
 
-CFG = ["dataset=digits", "depth=8", "epochs=3"]
+CFG = ["dataset=digits", "depth=8", "epochs=3", "optim.milestones=[]"]
 
 
 def checkpoint(run_dir, cfg, epoch=1, **extra):

@@ -1,4 +1,5 @@
-"""`sdrun status` on a real sweep: one job finished, one failed, one SIGKILLed, one never started."""
+"""`sdrun status` on a real sweep: one job finished, one failed, one SIGKILLed, one never started;
+and on a single run that failed, then finished when run again."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from sdrun.report import status
-from tests.conftest import SDRUN, read_jsonl
+from sdrun.rundir import ERROR
+from tests.conftest import SDRUN, TINY, read_jsonl, sdrun_main
 
 # Job 0 trains; job 1's absurd lr makes the loss non-finite (a failed job); job 2 is killed
 # while it trains; job 3 never starts (the sweep dies with job 2).
+# A constant lr: digits' milestones lie past a 6-epoch run.
 SWEEP = ["dataset=digits", "depth=8", "epochs=6", "max_steps_per_epoch=2", "batch_size=32", "eval_batch_size=512",
-         "optim.lr=0.1,1e30,0.05,0.02", "hydra.sweep.dir=sweep"]
+         "optim.milestones=[]", "optim.lr=0.1,1e30,0.05,0.02", "hydra.sweep.dir=sweep"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,8 @@ def test_status_text_after_the_kill(sweep, capsys):
     lines = out.splitlines()
     assert lines[0] == (f"sweep {root / 'sweep'}: 4 jobs: 1 finished, 1 interrupted, 1 failed, 1 not started; "
                         "nothing running (run the sweep command again with this hydra.sweep.dir to finish it)")
-    assert lines[1] == "every job: dataset=digits depth=8 epochs=6 max_steps_per_epoch=2 batch_size=32 eval_batch_size=512"
+    assert lines[1] == ("every job: dataset=digits depth=8 epochs=6 max_steps_per_epoch=2 batch_size=32 "
+                        "eval_batch_size=512 optim.milestones=[]")
     rows = {line.split()[0]: line.split() for line in lines[4:8]}
     assert rows["0"][1:3] == ["finished", "6/6"]
     assert rows["1"][1] == "failed" and "optim.lr=1e+30" in out
@@ -92,3 +96,44 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert status.main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"sdrun status: error: {tmp_path / 'missing'} is not a directory"
     assert status.main([str(tmp_path), "--watch", "0"]) == 2
+
+
+def test_a_single_run_that_failed_shows_failed_until_it_finishes(tmp_path, capsys):
+    """A single run (no sweep summary) that dies on an error after its directory was kept
+    records the error in it (error.json): `sdrun status` shows failed and the error line. A
+    new attempt that stops on bad input before its first epoch leaves that record as it was;
+    one that trains to the end clears it."""
+    run = tmp_path / "run"
+    args = [*TINY, "optim.milestones=[]", f"hydra.run.dir={run}"]
+    r = sdrun_main("train", *args, "optim.lr=1e30", cwd=tmp_path)  # the loss overflows in epoch 1
+    assert r.returncode == 2
+    line = "non-finite training loss at epoch 1"
+    (error_line,) = [e for e in r.stderr.splitlines() if e.startswith("sdrun train: error: ")]
+    message = error_line.removeprefix("sdrun train: error: ")
+    assert message.startswith(line)
+    record = json.loads((run / ERROR).read_text())
+    assert record["error"] == message and record["type"] == "NonFiniteLoss"
+
+    assert status.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "runs: 1: 1 failed"
+    (row,) = [x for x in out if x.startswith(str(run))]
+    assert row.split()[1:3] == ["failed", "0/2"] and row.endswith(f"| error: {message}")
+    (data,) = status.survey([tmp_path])["runs"]
+    assert (data["state"], data["error"]) == ("failed", message)
+
+    # Bad input found inside the job (the data split): the directory is put back, record included.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = sdrun_main("train", *args, "dataset.val_size=5000", cwd=tmp_path)
+    assert r.returncode == 2 and "leaves no training images" in r.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert status.survey([tmp_path])["runs"][0]["state"] == "failed"
+
+    r = sdrun_main("train", *args, cwd=tmp_path)  # run again with a sane lr: it trains to the end
+    assert r.returncode == 0, r.stderr
+    assert not (run / ERROR).exists()
+    assert status.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "runs: 1: 1 finished" and "error" not in out
+    (data,) = status.survey([tmp_path])["runs"]
+    assert (data["state"], data["epoch"], data["error"]) == ("finished", 2, None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -23,14 +24,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sdrun.config import ConfigError
-from sdrun.errors import print_error
+from sdrun.errors import one_line, print_error
+from sdrun.files import write_json
 from sdrun.launch.compose import register_configs
 from sdrun.launch.guard import USER_ERRORS, GuardStop, JobFailed
 from sdrun.launch.launchers import job_resources, register_resolvers
 from sdrun.launch.runs import AlreadyFinished, check_run_dir
 from sdrun.liveness import Lease
 from sdrun.ranks import launched_by_torchrun
-from sdrun.rundir import HEADLINE
+from sdrun.rundir import ERROR, HEADLINE
 
 USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -43,6 +45,10 @@ MODES = {"-m": "-m/--multirun", "--multirun": "-m/--multirun", "-c": "--cfg", "-
 def main(argv: list[str]) -> int:
     """`sdrun train ARGV`; returns the exit code."""
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # Hydra's argparse takes its overrides as one positional list, so a flag after the first
+    # override (`sdrun train dataset=cifar10 -m pL=0.2,0.5`) ends in an 8-line usage error:
+    # the flag goes first. -m is the only one that is a bare switch among the overrides.
+    argv = [a for a in argv if a in ("-m", "--multirun")] + [a for a in argv if a not in ("-m", "--multirun")]
     sys.argv = ["sdrun train", *argv]
     torchrun = launched_by_torchrun()
     if torchrun:  # every process runs this; they join one process group before Hydra composes
@@ -127,11 +133,27 @@ def train(cfg: DictConfig, run_dir: str | Path, progress: bool = False) -> dict 
     with Lease(run_dir) as lease:  # lock + heartbeat while training, for `sdrun status` (sdrun.liveness)
         if ctx.is_main:
             lease.acquire()  # after the check: a finished or foreign run's directory stays untouched
+            (run_dir / ERROR).unlink(missing_ok=True)  # an earlier attempt's error: this one trains again
         try:
             return fit(build_run(cfg, ctx, saved), run_dir, progress)
         except Interrupted as e:  # preemption or Ctrl-C: stop (a sweep too), resumable
             print(f"sdrun train: {e}", file=sys.stderr)
             raise SystemExit(128 + e.signum) from None  # the shell's convention
+        except Exception as e:
+            if ctx.is_main:
+                record_error(run_dir, e)
+            raise
+
+
+def record_error(run_dir: Path, error: BaseException) -> None:
+    """error.json: the run stopped on this error, for `sdrun status` (state failed, the error
+    line). Written while the run holds its lease; a run that never started has it removed with
+    the rest by the callback's undo (sdrun.launch.guard.StartSnapshot), and the next attempt
+    removes it when it acquires the lease. Writing it never hides the error itself."""
+    try:
+        write_json(run_dir / ERROR, {"error": one_line(error), "type": type(error).__name__, "time": time.time()})
+    except OSError:
+        pass
 
 
 def is_multirun() -> bool:

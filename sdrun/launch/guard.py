@@ -8,7 +8,8 @@ what only a callback can do, because it runs before Hydra writes into a director
   rank 0's run directory (`share_run_dir`).
 - `RunDirGuard.on_multirun_start` checks every job of a sweep before the first starts.
 - `RunDirGuard.on_job_end`: a single run that failed on bad input before its first epoch
-  leaves its directory as it was found (`StartSnapshot.undo`); a sweep's job is recorded in
+  leaves its directory as it was found (`StartSnapshot.undo`: the error.json the failed attempt
+  wrote goes too, an earlier attempt's comes back); a sweep's job is recorded in
   `sweep_summary.json` with its overrides and error while the others finish.
 
 A callback's Exception is turned into a warning by Hydra, so a refusal leaves on_run_start as
@@ -39,7 +40,7 @@ from sdrun.launch.preflight import check_sweep, report
 from sdrun.launch.runs import check_config, check_run_dir, resume_dir
 from sdrun.liveness import refuse_if_busy
 from sdrun.ranks import env_rank, launched_by_torchrun
-from sdrun.rundir import METRICS, SWEEP_SUMMARY
+from sdrun.rundir import ERROR, METRICS, SWEEP_SUMMARY
 
 # What the user's input causes, reported on one line (sdrun.launch.app): sdrun's own errors,
 # and Hydra's and OmegaConf's composition errors (an unknown key, a value of the wrong type,
@@ -211,7 +212,8 @@ class StartSnapshot:
 
     For a directory this run creates: where mkdir -p started (`created`). For one that existed
     (a resume, a reused directory): every file's size and times, and the content of Hydra's
-    .hydra/ files, which a new attempt overwrites; train.log is only appended to."""
+    .hydra/ files, which a new attempt overwrites, and of an earlier attempt's error.json, which
+    a new attempt removes (sdrun.launch.app.train); train.log is only appended to."""
     run_dir: Path
     created: Path | None
     files: dict[Path, tuple[int, int, int, bytes | None]] = field(default_factory=dict)
@@ -230,7 +232,8 @@ class StartSnapshot:
             for name in names:
                 path = folder / name
                 st = path.lstat()
-                content = path.read_bytes() if folder == hydra_dir and path.is_file() else None
+                kept = folder == hydra_dir or path == snap.run_dir / ERROR
+                content = path.read_bytes() if kept and path.is_file() else None
                 snap.files[path] = (st.st_size, st.st_atime_ns, st.st_mtime_ns, content)
         return snap
 

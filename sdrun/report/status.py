@@ -6,12 +6,14 @@ It reads only small files, so it answers in well under a second on a login node:
   evals.jsonl          step evaluations (eval_every_steps), for the best validation error so far
   .hydra/config.yaml   the run's epochs before it finishes
   .sdrun.lock / .sdrun.heartbeat   whether a process trains it right now (sdrun.liveness)
+  error.json           a run that stopped on an error, and its error line (sdrun.launch.app)
   multirun.yaml        a sweep's jobs, including those that have not started yet
   sweep_summary.json   a sweep's failed jobs and their error lines
 
 States: finished, running, interrupted (a run directory nobody trains and that has no
-results: killed, preempted, stopped, or crashed outside a sweep), failed (the sweep summary
-says so), not started (a sweep job with no directory yet).
+results: killed, preempted, stopped), failed (the sweep summary says so, or the run's
+error.json: it stopped on an error, a single run too), not started (a sweep job with no
+directory yet). Running and finished win over a stale error.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from tabulate import tabulate
 from sdrun.errors import ArgParser, UserError
 from sdrun.launch.sweeps import expand_sweep
 from sdrun.liveness import is_running
-from sdrun.rundir import (EVALS, FINISHED, HYDRA_DIR, METRICS, MULTIRUN, SWEEP_SUMMARY, is_run_dir, is_sweep_dir,
-                          read_jsonl, read_results, run_dirs)
+from sdrun.rundir import (ERROR, EVALS, FINISHED, HYDRA_DIR, METRICS, MULTIRUN, SWEEP_SUMMARY, is_run_dir,
+                          is_sweep_dir, read_jsonl, read_results, run_dirs)
 from sdrun.text import duration
 
 STATES = ("finished", "running", "interrupted", "failed", "not started")
@@ -51,7 +53,7 @@ class RunState:
     elapsed_s: float | None = None
     eta_s: float | None = None        # running runs: time left; others: None (finished: 0)
     left_s: float | None = None       # epochs left x s_per_epoch, for runs that are not running
-    error: str | None = None          # failed jobs: the error line from sweep_summary.json
+    error: str | None = None          # failed runs: the error line (sweep_summary.json, else error.json)
     why: str | None = None            # how running/not running was decided
 
 
@@ -118,6 +120,8 @@ def run_state(path: Path, now: float, summary_job: dict | None = None, job: int 
         s.test_error_at_best_val_pct = results.get("test_error_at_best_val_pct")
     elif summary_job is not None and summary_job.get("status") == "failed":
         s.state, s.error = "failed", summary_job.get("error")
+    elif isinstance(error := _json(path / ERROR), dict):  # a single run's (a sweep's job has both)
+        s.state, s.error = "failed", str(error.get("error") or error.get("type") or "error")
     if s.state in ("interrupted", "failed") and s.epochs and s.s_per_epoch is not None:
         s.left_s = (s.epochs - s.epoch) * s.s_per_epoch
     return s

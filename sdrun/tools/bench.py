@@ -278,7 +278,9 @@ def bench_eval(depth: int, rt, a) -> dict:
 def bench_overhead(rt, a) -> dict:
     """Real `sdrun train` epochs vs bare loops over the same built run (its batches, or an epoch
     of them made beforehand), each epoch 2 after an untimed epoch 1."""
-    cfg = config(a, pL=0.5, epochs=2, max_steps_per_epoch=a.trainer_steps, checkpoint=True)
+    # A constant lr: the recipe's milestones lie past 2 epochs (and the lr does not change a step's time)
+    cfg = config(a, pL=0.5, epochs=2, max_steps_per_epoch=a.trainer_steps, checkpoint=True,
+                 **{"optim.milestones": []})
     trainer_ips, bare_ips, premade_ips, syncs = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.trainer_repeats):
