@@ -216,3 +216,33 @@ def test_finished_run_with_the_same_settings_is_done_and_untouched(world, where)
     assert r.returncode == 0, r.stderr
     assert "already holds a finished run" in r.stderr and "nothing to do" in r.stderr
     assert snapshot(world) == before
+
+
+def test_unreadable_image_files_are_counted_and_the_first_named(tmp_path):
+    """Undecodable files in an image folder: the run's reader counts them and names the first;
+    a sweep is refused by the pre-flight's sample (3 files per class folder) before any job."""
+    from tests.conftest import write_image_folder  # (the imports above are another case list's)
+
+    root = write_image_folder(tmp_path / "imgs", classes=[f"k{i}" for i in range(10)], per_class=(4, 2), ext="jpg")
+    for path in [*(root / "train" / "k3").iterdir(), root / "test" / "k7" / "0001.jpg"]:
+        path.write_bytes(b"not a jpeg")  # 5 of the 60 files; all of train/k3, so any sample holds 3
+    args = ["dataset=cifar10", "dataset.format=imagefolder", "dataset.root=imgs", "depth=8", "epochs=1",
+            "optim.milestones=[]"]
+    before = snapshot(tmp_path)
+    r = sdrun_main("train", *args, "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "sdrun train: error: dataset.root=imgs: 5 of 60 image files cannot be read as images, the first: "
+        "imgs/train/k3/0000.jpg (cannot identify image file)"]
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+    r = sdrun_main("train", "-m", *args, "seed=1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3, r.stderr
+    for num, line in enumerate(lines[:2]):
+        assert line.startswith(f"sdrun train: error: job {num} (seed={num + 1}): dataset.root=imgs: 4 of the 50 image "
+                               f"files sampled (3 per class folder) cannot be read as images, the first: "
+                               f"imgs/train/k3/"), line
+    assert lines[2].endswith("2 of 2 jobs would fail (listed above); nothing was started")
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]

@@ -5,8 +5,9 @@ import torchvision.transforms.v2.functional as TF
 from omegaconf import OmegaConf
 
 from sdrun.data.batches import Normalizer, TrainBatches, translate_and_flip
-from sdrun.data.readers import DataError, Split, load_image_data, split_validation
-from tests.conftest import write_cifar_pickles, write_image_folder
+from sdrun.data.readers import DataError, Split, find_data, load_image_data, split_validation
+from sdrun.rng import cpu_generator
+from tests.conftest import write_cifar_pickles, write_image_folder, write_imagenet_folder
 
 
 def ds_cfg(**kw):
@@ -119,3 +120,66 @@ def test_train_batches_cover_the_split_once_per_epoch_and_are_seeded():
     assert not torch.equal(next(iter(a))[1], epoch_a[0][1])  # the next epoch is reshuffled
     capped = TrainBatches(s, norm, batch_size=32, translate=2, flip=True, seed=3, max_steps=1)
     assert len(list(capped)) == 1
+
+
+def test_unreadable_images_are_counted_by_the_reader_and_found_by_the_preflight_sample(tmp_path):
+    root = write_image_folder(tmp_path, classes=[f"k{i}" for i in range(10)], per_class=(4, 2))
+    png = (root / "train" / "k0" / "0000.png").read_bytes()
+    # a corrupt chunk (its checksum fails: PIL raises SyntaxError) and a truncated file
+    (root / "train" / "k0" / "0000.png").write_bytes(png[:40] + bytes(b ^ 0xFF for b in png[40:60]) + png[60:])
+    (root / "test" / "k9" / "0001.png").write_bytes(png[:len(png) // 2])
+    with pytest.raises(DataError) as e:
+        load_image_data(ds_cfg(root=str(root)), seed=1)
+    assert str(e.value).startswith(f"dataset.root={root}: 2 of 60 image files cannot be read as images, the first: "
+                                   f"{root}/train/k0/0000.png (")
+    # the pre-flight opens 3 files per class folder (0000.png of train/k0 is one: the folder holds 4)
+    problem = find_data(ds_cfg(root=str(root), format="imagefolder"))
+    assert problem.startswith(f"dataset.root={root}: ") and " of the 50 image files sampled (3 per class folder) " \
+        "cannot be read as images, the first: " in problem, problem
+
+
+def test_image_size_is_refused_where_the_files_hold_32x32_images(tmp_path):
+    root = write_cifar_pickles(tmp_path / "c10")
+    expected = ("dataset.image_size=64: the CIFAR-10 pickle batches hold 32x32 images and are not resized; "
+                "use dataset.image_size=32, or dataset.format=imagefolder with 64x64 images")
+    with pytest.raises(DataError) as e:
+        load_image_data(ds_cfg(root=str(root), image_size=64), seed=1)  # format=auto: found to be pickle
+    assert str(e.value) == expected
+    assert find_data(ds_cfg(root=str(root), image_size=64)) == expected  # a sweep's pre-flight refuses it too
+    # image folders (of images that size) and the digits honour it
+    folder = write_image_folder(tmp_path / "png", classes=[f"k{i}" for i in range(10)], per_class=(2, 1), size=64)
+    assert load_image_data(ds_cfg(root=str(folder), image_size=64), seed=1).train.images.shape[1:] == (3, 64, 64)
+    assert load_image_data(ds_cfg(name="digits", image_size=16), seed=1).test.images.shape[1:] == (3, 16, 16)
+
+
+def test_split_seed_fixes_the_validation_split_across_run_seeds(tmp_path):
+    root = write_cifar_pickles(tmp_path, per_batch=20, test=30)  # 100 distinct training images
+
+    def val(seed, **kw):
+        return load_image_data(ds_cfg(root=str(root), val_size=10, **kw), seed=seed).val.images
+
+    assert torch.equal(val(1, split_seed=1), val(2, split_seed=1))
+    assert not torch.equal(val(1), val(2))
+    assert torch.equal(val(2, split_seed=None), val(7, split_seed=2))
+    # unset: the draw of the "split" stream of the run's seed, as before split_seed existed
+    train = load_image_data(ds_cfg(root=str(root)), seed=0).train
+    held_out = torch.randperm(100, generator=cpu_generator(2, "split"))[:10].sort().values
+    assert torch.equal(val(2), train.images[held_out])
+
+
+def test_imagenet_held_out_split_follows_split_seed(tmp_path):
+    from sdrun.data.imagenet import load_imagenet
+
+    root = write_imagenet_folder(tmp_path, per_class=(5, 1))
+
+    def held_out(seed, split_seed=None) -> list[int]:
+        cfg = OmegaConf.create({"seed": seed, "batch_size": 4, "eval_batch_size": 4, "num_workers": 0,
+                                "max_steps_per_epoch": None,
+                                "dataset": {"root": str(root), "num_classes": 3, "image_size": 32, "resize_size": 36,
+                                            "val_size": 4, "split_seed": split_seed, "flip": True,
+                                            "color_jitter": 0.0, "lighting": 0.0}})
+        return load_imagenet(cfg, torch.device("cpu")).val.indices
+
+    assert held_out(1, split_seed=5) == held_out(2, split_seed=5)
+    assert held_out(5) == torch.randperm(15, generator=cpu_generator(5, "split"))[:4].sort().values.tolist()
+    assert held_out(1) != held_out(5)

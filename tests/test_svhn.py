@@ -119,3 +119,21 @@ def test_tiny_run_with_step_evaluations(tmp_path):
     acc = EventAccumulator(str(run))
     acc.Reload()
     assert [s.step for s in acc.Scalars("error/val")] == [1, 2]  # per-epoch tags keep the epoch axis
+
+
+def test_image_size_other_than_32_is_refused(tmp_path):
+    root = write_svhn_mats(tmp_path, per_class=(3, 2, 1))
+    with pytest.raises(DataError) as e:
+        load_image_data(svhn_cfg(root, image_size=64), seed=1)
+    assert str(e.value) == ("dataset.image_size=64: the SVHN files (*_32x32.mat) hold 32x32 images and are not "
+                            "resized; use dataset.image_size=32")
+
+
+def test_split_seed_fixes_the_per_class_draw(tmp_path):
+    root = write_svhn_mats(tmp_path, per_class=(6, 4, 2))
+
+    def val(seed, **kw):
+        return load_image_data(svhn_cfg(root, **kw), seed=seed).val.images
+
+    assert torch.equal(val(1, split_seed=3), val(2, split_seed=3))
+    assert torch.equal(val(3), val(9, split_seed=3)) and not torch.equal(val(1), val(3))

@@ -11,8 +11,8 @@ CUDA); the batch is normalised on the device, where it is 4x smaller to copy as 
 - Evaluation: resize the short side to resize_size, centre crop image_size (256 / 224).
 - Selection: with dataset.val_size = 0 (the default) the `val/` folder is the evaluation set
   and there is no selection (the paper reports validation error at the end of training);
-  with val_size = N > 0, N images of train/ drawn with the run's seed are held out for
-  best-epoch selection and `val/` is the test set.
+  with val_size = N > 0, N images of train/ drawn with dataset.split_seed (default: the run's
+  seed) are held out for best-epoch selection and `val/` is the test set.
 
 Shuffling and the workers' augmentation seeds come from one CPU generator (the "data"
 stream), so a run's batches are reproducible for a given num_workers.
@@ -30,7 +30,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from sdrun.data.batches import RunData, global_batch_size, steps_per_epoch, to_device
-from sdrun.data.readers import DataError
+from sdrun.data.readers import DataError, open_rgb, split_seed
 from sdrun.ranks import SINGLE, Context, shard
 from sdrun.rng import cpu_generator
 
@@ -202,7 +202,7 @@ class LoaderBatches:
                 yield x, y.to(self.device, non_blocking=True)
         except OSError as e:  # an unreadable image; a worker's error carries its traceback, keep the last line
             lines = [line for line in str(e).splitlines() if line.strip()]
-            raise DataError(f"imagenet: {lines[-1] if lines else type(e).__name__}") from None
+            raise DataError(f"imagenet: {lines[-1].removeprefix('OSError: ') if lines else type(e).__name__}") from None
 
     # The shuffle order and the workers' seeds of an epoch are drawn from this generator when
     # the epoch's iterator starts, so its state at an epoch boundary restores the epoch.
@@ -231,8 +231,11 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: C
             raise DataError(f"imagenet: expected the folder {root / split}/<wnid>/*.JPEG (the usual "
                             f"ImageFolder layout); set dataset.root")
     try:
-        train = ImageFolder(str(root / "train"), transform=train_transform(ds_cfg.image_size, ds_cfg.flip))
-        test = ImageFolder(str(root / "val"), transform=eval_transform(ds_cfg.image_size, ds_cfg.resize_size))
+        # open_rgb: an undecodable file's error names it (LoaderBatches makes it a DataError)
+        train = ImageFolder(str(root / "train"), transform=train_transform(ds_cfg.image_size, ds_cfg.flip),
+                            loader=open_rgb)
+        test = ImageFolder(str(root / "val"), transform=eval_transform(ds_cfg.image_size, ds_cfg.resize_size),
+                           loader=open_rgb)
     except (FileNotFoundError, RuntimeError) as e:  # no class folders, or no images in them
         raise DataError(f"imagenet under {root}: {e}") from None
     if test.classes != train.classes:
@@ -247,7 +250,7 @@ def load_imagenet(cfg, device: torch.device, channels_last: bool = False, ctx: C
         if ds_cfg.val_size >= len(train):
             raise DataError(f"dataset.val_size={ds_cfg.val_size} leaves no training images "
                             f"({len(train)} under {root}/train)")
-        perm = torch.randperm(len(train), generator=cpu_generator(cfg.seed, "split"))
+        perm = torch.randperm(len(train), generator=cpu_generator(split_seed(ds_cfg, cfg.seed), "split"))
         held_out = copy.copy(train)  # same file list, evaluation transform
         held_out.transform = eval_transform(ds_cfg.image_size, ds_cfg.resize_size)
         val = Subset(held_out, perm[:ds_cfg.val_size].sort().values.tolist())

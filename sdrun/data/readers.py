@@ -8,6 +8,7 @@ import importlib.util
 import os
 import pickle
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from sdrun.errors import UserError
 from sdrun.rng import cpu_generator
@@ -71,18 +73,57 @@ def _without_md5(cls):
     return type(f"Unchecked{cls.__name__}", (cls,), attrs)
 
 
-def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, list[int], list[str]]:
-    ds = ImageFolder(str(folder))
-    if len(ds) == 0:
-        raise DataError(f"no images found under {folder}")
-    images = np.empty((len(ds), size, size, 3), dtype=np.uint8)
-    for i, (path, _) in enumerate(ds.samples):
+def _reason(e: BaseException, path: str) -> str:
+    """PIL's or the OS's message without the path (the caller names the file once)."""
+    return getattr(e, "strerror", None) or str(e).replace(f" {path!r}", "")
+
+
+def open_rgb(path: str) -> Image.Image:
+    """An image file decoded to RGB (torchvision's pil_loader), or an OSError "PATH (reason)": PIL's
+    own messages do not all name the file ("image file is truncated"), and a corrupt PNG chunk
+    raises SyntaxError. A plain OSError, so that DataLoader workers can re-raise it."""
+    try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                raise DataError(f"{path} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
-            images[i] = np.asarray(im)
-    return images, list(ds.targets), list(ds.classes)
+            return im.convert("RGB")
+    except (OSError, SyntaxError) as e:
+        raise OSError(f"{path} ({_reason(e, path)})") from None
+
+
+def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, list[int], list[str], list[str]]:
+    """The images of folder/<class>/*, their labels and classes, and the files that are not
+    readable images ("PATH (reason)"), reported by the caller for train/ and test/ together."""
+    try:
+        ds = ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as e:  # no class folders, or one without image files
+        raise DataError(f"{folder}: {e}") from None
+    images = np.empty((len(ds), size, size, 3), dtype=np.uint8)
+    unreadable = []
+    for i, (path, _) in enumerate(ds.samples):
+        try:
+            im = open_rgb(path)
+        except OSError as e:  # read on: the error counts them all, so one fix-up finds every file
+            unreadable.append(str(e))
+            continue
+        if im.size != (size, size):
+            raise DataError(f"{path} is {im.size[0]}x{im.size[1]}, expected {size}x{size}")
+        images[i] = np.asarray(im)
+    return images, list(ds.targets), list(ds.classes), unreadable
+
+
+def _fixed_size(cfg) -> str | None:
+    """Why dataset.image_size cannot be honoured: CIFAR's pickle batches and SVHN's .mat files
+    hold 32x32 images and their readers do not resize (the digits and image folders honour it)."""
+    size = cfg.get("image_size", 32)  # scripts' and tests' partial configs leave it out
+    if size == 32:
+        return None
+    if cfg.name == "svhn":
+        return (f"dataset.image_size={size}: the SVHN files (*_32x32.mat) hold 32x32 images and are not "
+                f"resized; use dataset.image_size=32")
+    if cfg.name in ("cifar10", "cifar100") and cifar_format(cfg) == "pickle":
+        return (f"dataset.image_size={size}: the {'CIFAR-10' if cfg.name == 'cifar10' else 'CIFAR-100'} pickle "
+                f"batches hold 32x32 images and are not resized; use dataset.image_size=32, or "
+                f"dataset.format=imagefolder with {size}x{size} images")
+    return None
 
 
 def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
@@ -90,12 +131,17 @@ def load_cifar(cfg) -> tuple[Split, Split, list[str]]:
     cls = CIFAR10 if cfg.name == "cifar10" else CIFAR100
     root = Path(cfg.root)
     fmt = cifar_format(cfg)
+    if problem := _fixed_size(cfg):
+        raise DataError(problem)
     if fmt == "imagefolder":
         if not (root / "train").is_dir() or not (root / "test").is_dir():
             raise DataError(f"{cfg.name}: expected image folders {root}/train/<class>/*.png|jpg and "
                             f"{root}/test/<class>/...; set dataset.root")
-        tr_x, tr_y, classes = _read_image_folder(root / "train", cfg.image_size)
-        te_x, te_y, te_classes = _read_image_folder(root / "test", cfg.image_size)
+        tr_x, tr_y, classes, tr_bad = _read_image_folder(root / "train", cfg.image_size)
+        te_x, te_y, te_classes, te_bad = _read_image_folder(root / "test", cfg.image_size)
+        if bad := tr_bad + te_bad:
+            raise DataError(f"dataset.root={cfg.root}: {len(bad)} of {len(tr_y) + len(te_y)} image files cannot "
+                            f"be read as images, the first: {bad[0]}")
         if te_classes != classes:
             raise DataError(f"{root}/train and {root}/test have different class folders")
         return _nhwc_to_split(tr_x, tr_y), _nhwc_to_split(te_x, te_y), classes
@@ -126,14 +172,16 @@ def cifar_format(cfg) -> str:
 
 def find_data(cfg) -> str | None:
     """Why the dataset `cfg` (a DatasetConfig) cannot be read, judged from the files the
-    readers above will open (present and readable), without reading them; None if it looks
-    usable. Cheap enough to run for every job of a sweep before the first one starts
-    (sdrun.launch.preflight); content errors (a truncated file, a wrong checksum) surface when the
-    job reads the data."""
+    readers above will open (present and readable) and, for image folders, a sample of the
+    images (_sample_images); None if it looks usable. Cheap enough to run for every job of a
+    sweep before the first one starts (sdrun.launch.preflight); other content errors (a
+    truncated file, a wrong checksum) surface when the job reads the data."""
     def missing(paths: list[Path]) -> list[Path]:
         return [p for p in paths if not os.access(p, os.R_OK)]
 
     root = Path(cfg.root)
+    if problem := _fixed_size(cfg):
+        return problem
     if cfg.download or cfg.name == "digits":  # digits ship with scikit-learn; downloads happen in the job
         return None
     if cfg.name in ("cifar10", "cifar100"):
@@ -148,7 +196,7 @@ def find_data(cfg) -> str | None:
             if not all(has_classes(root / split) for split in ("train", "test")):
                 return (f"{cfg.name}: expected image folders {root}/train/<class>/*.png|jpg and "
                         f"{root}/test/<class>/...; set dataset.root")
-            return None
+            return _sample_images(cfg.root, [root / "train", root / "test"])
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         absent = missing([root / cls.base_folder / f for f in files])
         if absent:
@@ -167,8 +215,41 @@ def find_data(cfg) -> str | None:
             if not (root / split).is_dir():
                 return (f"imagenet: expected the folder {root / split}/<wnid>/*.JPEG (the usual "
                         f"ImageFolder layout); set dataset.root")
-        return None
+        return _sample_images(cfg.root, [root / "train", root / "val"])
     return f"unknown dataset {cfg.name!r}"
+
+
+SAMPLE_PER_CLASS = 3  # image files per class folder that the pre-flight opens
+
+
+def _sample_images(root: str, folders: list[Path]) -> str | None:
+    """The pre-flight's look into image folders: in every class folder, the first SAMPLE_PER_CLASS
+    image files (by ImageFolder's extensions) that its listing returns, sorted, are opened and
+    PIL-verified: the header, and for PNG the chunk checksums; pixels are not decoded, so a
+    truncated JPEG passes here and is reported when the job reads it. The listing is not read
+    to its end: ImageNet's class folders hold 1,300 files each (2,000 folders, 6,000 files opened)."""
+    def first_images(cls: Path) -> list[str]:
+        with os.scandir(cls) as entries:
+            images = (e.path for e in entries if e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS))
+            return sorted(islice(images, SAMPLE_PER_CLASS))
+
+    checked, bad = 0, []
+    for folder in folders:
+        try:
+            sample = [path for cls in sorted(d for d in folder.iterdir() if d.is_dir()) for path in first_images(cls)]
+        except OSError:  # a folder that cannot be listed: the job's reader reports it
+            continue
+        for path in sample:
+            checked += 1
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (OSError, SyntaxError) as e:
+                bad.append(f"{path} ({_reason(e, path)})")
+    if bad:
+        return (f"dataset.root={root}: {len(bad)} of the {checked} image files sampled ({SAMPLE_PER_CLASS} per "
+                f"class folder) cannot be read as images, the first: {bad[0]}")
+    return None
 
 
 def _first_unreadable_pickle(folder: Path, files: list[str]) -> Path | None:
@@ -220,11 +301,14 @@ def load_digits_data(size: int) -> tuple[Split, Split, list[str]]:
 
 def load_svhn(cfg, seed: int) -> tuple[Split, Split, Split, list[str]]:
     """SVHN from torchvision's reader on the official .mat files: train + extra, with the paper's
-    validation set (val_per_class from train and from extra, per class, drawn with the seed), and test.
+    validation set (val_per_class from train and from extra, per class, drawn with `seed`, the
+    split seed), and test.
 
     Memory: the 604k training images are copied once, as uint8, straight into their final
     tensor (about 1.9 GB); no float copy is made on the host.
     """
+    if problem := _fixed_size(cfg):
+        raise DataError(problem)
     reader = SVHN if cfg.check_md5 else _without_md5(SVHN)
     root = Path(cfg.root)
     g = cpu_generator(seed, "split")
@@ -273,7 +357,7 @@ def load_svhn(cfg, seed: int) -> tuple[Split, Split, Split, list[str]]:
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split | None]:
-    """Hold out val_size training images, chosen with the run seed (the paper's 45k/5k split)."""
+    """Hold out val_size training images, chosen with the split seed (the paper's 45k/5k split)."""
     if val_size == 0:
         return train, None
     if val_size >= len(train):
@@ -284,7 +368,15 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
             Split(train.images[val_idx], train.labels[val_idx]))
 
 
+def split_seed(cfg, seed: int) -> int:
+    """The seed of the validation split: dataset.split_seed, or the run's `seed` when it is null."""
+    chosen = cfg.get("split_seed")  # scripts' and tests' partial configs leave it out: the run's seed
+    return seed if chosen is None else int(chosen)
+
+
 def load_image_data(cfg, seed: int) -> ImageData:
+    """The dataset `cfg` (a DatasetConfig), its validation split drawn with split_seed(cfg, seed)."""
+    seed = split_seed(cfg, seed)
     if cfg.name in ("cifar10", "cifar100"):
         train, test, classes = load_cifar(cfg)
     elif cfg.name == "digits":

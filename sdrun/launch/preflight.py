@@ -7,7 +7,9 @@ before it spends GPU hours.
   Hydra's config loader exactly as the launcher will compose it.
 - `job_problem` checks one composed job without training: `check_config` (ranges, depth for
   the architecture, device available), the dataset's files present and readable
-  (`sdrun.data.readers.find_data`), and its run directory not holding another config's run.
+  (`sdrun.data.readers.find_data`; in image folders, CIFAR's and ImageNet's, the first 3 image
+  files of each class folder opened and PIL-verified), and its run directory not holding
+  another config's run.
 - `check_sweep` (RunDirGuard.on_multirun_start) runs both for every job: if any would fail,
   one error line per bad job on stderr and nothing is launched (exit 2). It runs before
   Hydra creates the sweep directory, so a rejected sweep leaves nothing on disk.
@@ -101,7 +103,7 @@ def job_problem(cfg: DictConfig, run_dir: Path | None, device_here: bool = True,
     from sdrun.data.readers import find_data
 
     ds = cfg.dataset
-    key = (ds.name, ds.root, str(ds.format), ds.download)
+    key = (ds.name, ds.root, str(ds.format), ds.download, ds.image_size)  # what find_data reads
     cache = {} if data_cache is None else data_cache
     if key not in cache:
         cache[key] = find_data(ds)
