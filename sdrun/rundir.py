@@ -44,6 +44,11 @@ RESULTS_KEYS = (
     "best_val_epoch", "best_val_step",  # fractional epoch when a step evaluation was selected
     "selection",                    # "best_val", or "last_epoch" without a validation set
     "final_test_error_pct",
+    # the lowest test error over the epoch ends, and its epoch: fb.resnet.torch's "best top1",
+    # selected on the test set, so NOT a valid selection for CIFAR/SVHN (use HEADLINE there);
+    # for ImageNet (selection "last_epoch") it is the number fb.resnet.torch prints. None in a run
+    # resumed from a checkpoint older than this key; absent from results.json written before it.
+    "best_test_error_pct", "best_test_epoch",
     "train_time_s", "train_time_per_epoch_s", "wall_time_s",
     "expected_active_blocks", "measured_active_blocks",
     "device", "precision", "eval_precision",  # resolved (never "auto"): fp32 | tf32 | bf16

@@ -16,12 +16,14 @@ DEFAULT_CONFIG["dataset"]["name"] = "cifar10"
 
 
 def write_run(path: Path, *, dataset="cifar10", depth=110, pL=0.5, survival="linear", seed=1, epochs=500,
-              error=5.0, final_error=None, per_epoch_s=60.0, num_blocks=54, expected=None, device="cuda:0",
-              precision=None, gpu="NVIDIA H200",
+              error=5.0, final_error=None, best_error=None, selection="best_val", per_epoch_s=60.0,
+              num_blocks=54, expected=None, device="cuda:0", precision=None, gpu="NVIDIA H200",
               config: dict | None = None, metrics: list[dict] | None = None) -> Path:
     """results.json (and metrics.jsonl when given) as `sdrun train` writes them.
 
-    precision: the resolved one (default: what 'auto' gives, tf32 on CUDA, fp32 on the CPU)."""
+    precision: the resolved one (default: what 'auto' gives, tf32 on CUDA, fp32 on the CPU).
+    selection="last_epoch": a run without a validation set (ImageNet's default), `error` is then
+    the last epoch's; best_error: the lowest test error over the epochs (default error - 0.2)."""
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     cfg.update(depth=depth, pL=pL, survival=survival, seed=seed, epochs=epochs)
     cfg["dataset"]["name"] = dataset
@@ -36,8 +38,11 @@ def write_run(path: Path, *, dataset="cifar10", depth=110, pL=0.5, survival="lin
     results = {
         "status": "finished", "dataset": dataset, "depth": depth, "num_blocks": num_blocks, "pL": pL,
         "survival": survival, "seed": seed, "epochs": epochs, "test_error_at_best_val_pct": error,
-        "best_val_error_pct": error + 0.3, "best_val_epoch": epochs, "selection": "best_val",
-        "final_test_error_pct": error + 1.0 if final_error is None else final_error,
+        "best_val_error_pct": None if selection == "last_epoch" else error + 0.3, "best_val_epoch": epochs,
+        "selection": selection,
+        "final_test_error_pct": final_error if final_error is not None else error if selection == "last_epoch"
+        else error + 1.0,
+        "best_test_error_pct": error - 0.2 if best_error is None else best_error, "best_test_epoch": epochs - 1,
         "train_time_s": per_epoch_s * epochs, "train_time_per_epoch_s": per_epoch_s,
         "wall_time_s": per_epoch_s * epochs * 1.1, "expected_active_blocks": expected,
         "measured_active_blocks": expected, "device": device,

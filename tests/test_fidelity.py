@@ -82,6 +82,52 @@ def test_bn_gamma_is_uniform_0_1_like_torch7_reset_and_ones_for_the_paper():
     assert torch.all(gamma == 1) and torch.all(beta == 0)
 
 
+def first_and_other_bns(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gamma of each residual branch's first BatchNorm, gamma of every other BatchNorm, all betas."""
+    first = [next(m for m in b.branch.modules() if isinstance(m, nn.BatchNorm2d)) for b in model.blocks]
+    others = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and all(m is not f for f in first)]
+    return (torch.cat([m.weight.detach() for m in first]), torch.cat([m.weight.detach() for m in others]),
+            bn_params(model)[1])
+
+
+def test_bn_first_normal_is_the_first_commits_init():
+    # ResidualDrop.lua at the reference's first commit (8580ac7c): the branch's first
+    # cudnn.SpatialBatchNormalization gets :init('weight', nninit.normal, 1.0, 0.002) and
+    # :init('bias', nninit.constant, 0); nninit.normal is tensor:normal(mean, stdv), so 0.002 is
+    # the std. The second BN and the stem's stay plain: reset()'s weight:uniform(), bias:zero().
+    torch.manual_seed(0)
+    first, others, beta = first_and_other_bns(CifarResNet(110, 10, bn_init="first_normal"))
+    assert first.numel() == 16 * 18 + 32 * 18 + 64 * 18 and others.numel() == 16 + first.numel()  # 2016, 2032
+    assert abs(first.mean().item() - 1) < 3e-4                 # se of the mean 0.002 / sqrt(2016) = 4.5e-5
+    assert abs(first.std().item() - 0.002) < 2e-4              # se of the std 0.002 / sqrt(2 * 2015) = 3.2e-5
+    assert first.min() > 1 - 0.002 * 6 and first.max() < 1 + 0.002 * 6
+    assert others.min() >= 0 and others.max() < 1              # U(0, 1), as bn_init=uniform
+    assert abs(others.mean().item() - 0.5) < 0.03 and abs(others.var().item() - 1 / 12) < 0.01
+    assert torch.all(beta == 0)
+    # The global generator (seeded with the run's seed before the model is built) draws it all:
+    # same seed, same weights; another seed, others.
+    built = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(seed)
+        built.append(CifarResNet(20, 10, bn_init="first_normal").state_dict())
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+    assert not torch.equal(built[0]["blocks.0.branch.1.weight"], built[2]["blocks.0.branch.1.weight"])
+    # Through the config, and the same rule in the ImageNet family: the first BN of each
+    # residual branch (a bottleneck's after the 1x1 reduction); the projection shortcut's BN is U(0, 1).
+    torch.manual_seed(0)
+    first, others, _ = first_and_other_bns(model_for(composed("dataset=cifar10", "depth=20",
+                                                              "model.bn_init=first_normal")))
+    assert abs(first.mean().item() - 1) < 1e-3 and first.std().item() < 0.003 and others.max() < 1
+    torch.manual_seed(0)
+    first, others, _ = first_and_other_bns(model_for(compose("dataset=imagenet", "depth=50", "dataset.num_classes=10",
+                                                             "model.bn_init=first_normal")))
+    assert first.numel() == 64 * 3 + 128 * 4 + 256 * 6 + 512 * 3
+    assert abs(first.mean().item() - 1) < 3e-4 and abs(first.std().item() - 0.002) < 2e-4
+    assert others.min() >= 0 and others.max() < 1 and abs(others.mean().item() - 0.5) < 0.03
+    with pytest.raises(ValueError, match="expected one of uniform, ones, first_normal"):
+        CifarResNet(20, 10, bn_init="normal")
+
+
 def first_stage2_conv_std(model: nn.Module) -> float:
     """The std of the first convolution of stage 2 (16 -> 32 channels, 3x3): fan-in 9*16, fan-out 9*32."""
     return model.blocks[3].branch[0].weight.std().item()

@@ -166,6 +166,9 @@ def test_tiny_run(tmp_path, capsys):
     assert results["selection"] == "best_val" and results["best_val_epoch"] == best["epoch"]
     assert results["test_error_at_best_val_pct"] == best["test_error_pct"]
     assert results["test_top5_error_at_best_val_pct"] == best["test_top5_error_pct"]
+    # fb.resnet.torch's "best top1": the lowest test error of any epoch end, the first on a tie
+    lowest = min(metrics, key=lambda m: m["test_error_pct"])
+    assert (results["best_test_error_pct"], results["best_test_epoch"]) == (lowest["test_error_pct"], lowest["epoch"])
     assert results["num_blocks"] == 8 and results["dataset"] == "imagenet"
     acc = EventAccumulator(str(run))
     acc.Reload()
@@ -177,6 +180,25 @@ def test_tiny_run(tmp_path, capsys):
     assert err.startswith("sdrun analyze: error: ") and "\n" not in err
     assert "holds a run on imagenet; sdrun analyze works on runs of the 32x32 datasets" in err
     assert not (tmp_path / "analysis").exists()
+
+
+def test_best_over_epochs_is_the_first_lowest_and_survives_a_resume():
+    """fb.resnet.torch's main.lua: `if testTop1 < bestTop1 then bestTop1 = testTop1`, printed at the end."""
+    from sdrun.engine.loop import LowestTest
+
+    best = {}
+    lowest = LowestTest(best, resumed=False)
+    for epoch, err in enumerate((30.0, 25.0, 27.0, 25.0), start=1):
+        lowest.see(err, epoch)
+    assert lowest.results() == {"best_test_error_pct": 25.0, "best_test_epoch": 2}  # the first of the tie
+    again = LowestTest(best, resumed=True)  # resumed from its checkpoint (best is checkpointed)
+    again.see(26.0, 5)
+    again.see(24.5, 6)
+    assert again.results() == {"best_test_error_pct": 24.5, "best_test_epoch": 6}
+    # resumed from a checkpoint written before sdrun kept it: the earlier epochs are unknown, so None
+    older = LowestTest({"val_error_pct": None, "epoch": 3}, resumed=True)
+    older.see(20.0, 4)
+    assert older.results() == {"best_test_error_pct": None, "best_test_epoch": None}
 
 
 def test_global_batches_are_split_across_ranks_without_overlap():
@@ -216,6 +238,11 @@ def test_tiny_imagenet_run_under_torchrun_in_one_process(tmp_path):
     train_in_process(tmp_path / "single", *args)
     ddp, single = (read_jsonl(d / "metrics.jsonl") for d in (run_dir, tmp_path / "single"))
     assert [m["step"] for m in ddp] == [m["step"] for m in single] == [3, 6]
+    # No validation set (ImageNet's default): the headline is the last epoch's test error, and
+    # results.json also holds the lowest over the epochs, what fb.resnet.torch prints.
+    lowest = min(ddp, key=lambda m: m["test_error_pct"])
+    assert results["selection"] == "last_epoch" and results["test_error_at_best_val_pct"] == ddp[-1]["test_error_pct"]
+    assert (results["best_test_error_pct"], results["best_test_epoch"]) == (lowest["test_error_pct"], lowest["epoch"])
 
     # The run's test error is its final model's error on the whole val/ folder, measured here;
     # and two ranks' shards of val/ split it: their counts add up to the whole's.

@@ -49,6 +49,43 @@ def test_table1_reports_the_best_validation_epoch_not_the_last(tmp_path):
     assert r["test_error_pct_mean"] == 4.0 and r["test_error_pct_std"] is None
 
 
+def test_imagenet_rows_say_last_epoch_and_give_fb_resnet_torchs_best_over_epochs(tmp_path):
+    # No validation set (ImageNet's default): the row is the last epoch's test error; the lowest over
+    # the epochs (what fb.resnet.torch prints) comes beside it, in a note, the CSV and the LaTeX.
+    for seed, last, best in ((1, 22.0, 21.5), (2, 23.0, 22.5)):
+        write_run(tmp_path / "in" / str(seed), dataset="imagenet", depth=152, epochs=120, num_blocks=50, seed=seed,
+                  error=last, best_error=best, selection="last_epoch")
+    # An ImageNet run written before results.json had best_test_error_pct: readable, the best unknown.
+    old = write_run(tmp_path / "old", dataset="imagenet", depth=152, epochs=120, num_blocks=50, pL=1.0,
+                    error=22.5, selection="last_epoch")
+    data = json.loads((old / "results.json").read_text())
+    del data["best_test_error_pct"], data["best_test_epoch"]
+    (old / "results.json").write_text(json.dumps(data))
+    write_run(tmp_path / "c10", error=5.0, best_error=4.1)  # best-validation selection: no best-over-epochs
+    t1, t2, notes, skipped = tables(tmp_path)
+    assert not skipped
+    sd, const = row(t1, dataset="imagenet", pL=0.5), row(t1, dataset="imagenet", pL=1.0)
+    c10 = row(t1, dataset="cifar10")
+    assert (sd["selection"], sd["test_error_pct_mean"], sd["paper_test_error_pct"]) == ("last_epoch", 22.5, 21.98)
+    assert sd["best_test_error_pct_mean"] == 22.0 and sd["best_test_error_pct_std"] == pytest.approx(math.sqrt(0.5))
+    assert const["selection"] == "last_epoch" and const["best_test_error_pct_mean"] is None
+    assert c10["selection"] == "best_val" and c10["best_test_error_pct_mean"] is None  # selected on test: not shown
+    md = markdown(t1, t2, notes)
+    assert "No validation set (ImageNet): the test error shown is the last epoch's top-1" in md
+    assert ("- imagenet depth 152 stochastic linear pL=0.5: last epoch 22.50 ± 0.71, "
+            "best over epochs 22.00 ± 0.71") in md
+    assert "- imagenet depth 152 constant depth: last epoch 22.50, best over epochs not recorded" in md
+    assert "cifar10 depth 110 stochastic linear pL=0.5: last epoch" not in md and "4.10" not in md
+    write_outputs(tmp_path / "out", t1, t2, md)
+    with open(tmp_path / "out" / "table1.csv", newline="") as f:
+        rows = {(r["dataset"], r["pL"]): r for r in csv.DictReader(f)}
+    assert rows[("imagenet", "0.5")]["best_test_error_pct_mean"] == "22.0"
+    assert rows[("imagenet", "1.0")]["best_test_error_pct_mean"] == ""
+    assert rows[("cifar10", "0.5")]["selection"] == "best_val"
+    tex = (tmp_path / "out" / "table1.tex").read_text()
+    assert "No validation set (ImageNet)" in tex and "best over epochs 22.00 $\\pm$ 0.71" in tex
+
+
 def test_paper_figures_only_for_the_papers_setting(tmp_path):
     write_run(tmp_path / "short", epochs=100)                       # not the 500-epoch recipe
     write_run(tmp_path / "uniform", survival="uniform")             # not the paper's default

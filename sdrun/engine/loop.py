@@ -186,6 +186,7 @@ def fit(run: Run, run_dir: Path, progress: bool = False) -> dict:
     evaluator = Evaluator(lambda split: evaluate(run.model, run.data.eval_sets[split](), rt, ctx),
                           run.data.eval_sets["val"] is not None, cfg.eval_every_steps, cfg.dataset.top5,
                           lambda: synchronize(rt.device), cfg.select_from, best=state.best)
+    lowest = LowestTest(state.best, resumed=state.epoch > 0)
     runlog = RunLog(run, run_dir)
     clock = EpochClock(cfg.epochs, state.epoch, (state.last_record or {}).get("elapsed_s", 0.0))  # elapsed, ETA
     wall_start = time.perf_counter()
@@ -214,6 +215,7 @@ def fit(run: Run, run_dir: Path, progress: bool = False) -> dict:
             state.active_total += stats.active
 
             evaluated = evaluator.run(state.step, epoch, epoch_end=True)  # excluded from the training time
+            lowest.see(evaluated["test_error_pct"], epoch)
             runlog.evaluation(evaluated)
             state.last_record = epoch_record(run, epoch, lr, stats, train_s, evaluated) | clock.tick(epoch)
             runlog.epoch(state.last_record, clock.describe())  # metrics.jsonl, TensorBoard, console
@@ -222,12 +224,46 @@ def fit(run: Run, run_dir: Path, progress: bool = False) -> dict:
             if stop.agreed(ctx):
                 raise Interrupted(f"stopped by {signal.Signals(stop.received).name} after epoch {epoch}; "
                                   f"run the same command again to resume.", stop.received)
-    results = run_results(run, evaluator, time.perf_counter() - wall_start)
+    results = run_results(run, evaluator, time.perf_counter() - wall_start, lowest)
     runlog.finish(results, state.train_time_s)
     return results
 
 
 # ---------------------------------------------------------------- the run's pieces
+
+class LowestTest:
+    """The lowest test error over the epoch-end evaluations and its epoch (the first, on a tie):
+    fb.resnet.torch's "best top1" (main.lua keeps `bestTop1` when `testTop1 < bestTop1` and prints
+    it at the end), results.json's `best_test_error_pct` / `best_test_epoch`.
+
+    Selected on the test set, so not a valid selection where there is a validation set (CIFAR,
+    SVHN: the headline is the test error at the best-validation evaluation); kept for every run
+    because it is cheap, and for ImageNet, whose fb.resnet.torch "val" set is sdrun's test set.
+    Kept in the run's checkpointed `best` dict so a resumed run ends with the same numbers; a run
+    resumed from a checkpoint written before sdrun kept it cannot know, and reports None."""
+
+    ERROR, EPOCH = "lowest_test_error_pct", "lowest_test_epoch"
+
+    def __init__(self, best: dict, resumed: bool):
+        self.best = best
+        if self.ERROR not in best:
+            best[self.ERROR] = None
+            best[self.EPOCH] = "unknown" if resumed else None  # an older checkpoint's run: unknowable
+
+    @property
+    def known(self) -> bool:
+        return self.best[self.EPOCH] != "unknown"
+
+    def see(self, test_error_pct: float | None, epoch: int) -> None:
+        current = self.best[self.ERROR]
+        if self.known and test_error_pct is not None and (current is None or test_error_pct < current):
+            self.best.update({self.ERROR: test_error_pct, self.EPOCH: epoch})
+
+    def results(self) -> dict:
+        if not self.known:
+            return {"best_test_error_pct": None, "best_test_epoch": None}
+        return {"best_test_error_pct": self.best[self.ERROR], "best_test_epoch": self.best[self.EPOCH]}
+
 
 def check_finite(stats: EpochStats, epoch: int, state: TrainState, run_dir: Path, checkpointing: bool) -> None:
     bad = int(stats.first_bad_step.item())
@@ -252,7 +288,7 @@ def epoch_record(run: Run, epoch: int, lr: float, stats: EpochStats, train_s: fl
     return record
 
 
-def run_results(run: Run, evaluator: Evaluator, wall_time_s: float) -> dict:
+def run_results(run: Run, evaluator: Evaluator, wall_time_s: float, lowest: LowestTest) -> dict:
     """results.json (its keys: sdrun.rundir.RESULTS_KEYS)."""
     cfg, state, rt = run.cfg, run.state, run.rt
     best, record = evaluator.best, state.last_record
@@ -265,6 +301,7 @@ def run_results(run: Run, evaluator: Evaluator, wall_time_s: float) -> dict:
         "best_val_epoch": best["epoch"], "best_val_step": best["step"],
         "selection": "best_val" if evaluator.has_val else "last_epoch",
         "final_test_error_pct": record["test_error_pct"],
+        **lowest.results(),  # best_test_error_pct, best_test_epoch: selected on the test set (LowestTest)
         "train_time_s": state.train_time_s, "train_time_per_epoch_s": state.train_time_s / cfg.epochs,
         "wall_time_s": wall_time_s,
         "expected_active_blocks": run.expected_depth,

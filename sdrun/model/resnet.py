@@ -171,25 +171,42 @@ class ImageNetResNet(StochasticResNet):
         init_weights(self, mode=conv_init, bn_init=bn_init, fc_bias=fc_bias)
 
 
+BN_INITS = ("uniform", "ones", "first_normal")
+FIRST_BN_MEAN, FIRST_BN_STD = 1.0, 0.002  # bn_init="first_normal": nninit.normal's (mean, stdv)
+
+
 def init_weights(model: nn.Module, mode: str = "fan_in", bn_init: str = "ones", fc_bias: str = "default") -> None:
     """He normal (ReLU gain) for convolutions; BN beta = 0 and gamma per `bn_init`; Linear weights keep
     PyTorch's default (U(+-1/sqrt(fan_in)), the same law as Torch7's nn.Linear:reset()).
 
     bn_init="uniform": gamma ~ U(0, 1), what Torch7's nn.BatchNormalization:reset() draws and so what
     the reference's plain cudnn.SpatialBatchNormalization layers started from; "ones": gamma = 1
-    (fb.resnet.torch's BNInit). fc_bias="zero": the classifier's bias starts at 0 (fb.resnet.torch).
-    Draws come from torch's global generator, seeded with the run's seed before the model is built.
+    (fb.resnet.torch's BNInit); "first_normal": the first BatchNorm of every residual branch gets
+    gamma ~ N(1, 0.002) (0.002 the std: nninit.normal's `tensor:normal(mean, stdv)`), every other one
+    (the stem's, the branch's later ones, a projection shortcut's) U(0, 1) -- the reference's first
+    public ResidualDrop.lua. It means the same in both families (in a bottleneck the BN after the
+    1x1 reduction); only the CIFAR code ever ran it. fc_bias="zero": the classifier's bias starts at 0
+    (fb.resnet.torch). Draws come from torch's global generator, seeded with the run's seed before the
+    model is built, in module order.
     """
-    if bn_init not in ("uniform", "ones"):
-        raise ValueError(f"unknown bn_init {bn_init!r}; expected 'uniform' or 'ones'")
+    if bn_init not in BN_INITS:
+        raise ValueError(f"unknown bn_init {bn_init!r}; expected one of {', '.join(BN_INITS)}")
+    first_bns = set()
+    if bn_init == "first_normal":
+        if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+            raise ValueError("bn_init='first_normal' needs a model with residual blocks (model.blocks)")
+        first_bns = {id(next(m for m in block.branch.modules() if isinstance(m, nn.BatchNorm2d)))
+                     for block in model.blocks}
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode=str(mode), nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
-            if bn_init == "uniform":
-                nn.init.uniform_(m.weight, 0.0, 1.0)
-            else:
+            if id(m) in first_bns:
+                nn.init.normal_(m.weight, FIRST_BN_MEAN, FIRST_BN_STD)
+            elif bn_init == "ones":
                 nn.init.ones_(m.weight)
+            else:
+                nn.init.uniform_(m.weight, 0.0, 1.0)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear) and fc_bias == "zero":
             nn.init.zeros_(m.bias)

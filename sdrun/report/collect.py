@@ -122,6 +122,19 @@ class Group:
         values = self.values(key)
         return statistics.stdev(values) if len(values) > 1 else None
 
+    def optional_values(self, key: str) -> list[float] | None:
+        """A key not every results.json has (one added after runs were made, like
+        best_test_error_pct): its values when every run has a finite number, else None."""
+        values = [r.results.get(key) for r in self.runs]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            return None
+        return [float(v) for v in values]
+
+    def selection(self) -> str:
+        """How the runs picked their reported epoch (results.json "selection": best_val, or
+        last_epoch without a validation set); '/'-joined if they differ, '' if none says."""
+        return "/".join(sorted({str(r.results["selection"]) for r in self.runs if r.results.get("selection")}))
+
     def label(self) -> str:
         return model_label(self.pL, self.survival)
 

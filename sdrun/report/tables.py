@@ -1,6 +1,8 @@
 """`sdrun table`: the paper's Tables 1 and 2 from the user's runs, beside the paper's figures.
 
-Table 1: test error (%) at the epoch of lowest validation error, mean and sample std over
+Table 1: test error (%) at the epoch of lowest validation error (without a validation set,
+ImageNet's default, the last epoch's, with fb.resnet.torch's best over epochs in a note and the
+CSV), mean and sample std over
 seeds, the paper's figure for the same setting and the difference; for each stochastic-depth
 row with constant-depth runs of the same setting, the difference to them with Welch's 95 %
 interval, p-value and verdict, and (under the table) the seeds per side that would detect the
@@ -19,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from sdrun.text import duration, model_label
 
 TABLE1_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n", "seeds",
                  "test_error_pct_mean", "test_error_pct_std", "paper_test_error_pct", "diff_vs_paper_pct",
+                 "selection", "best_test_error_pct_mean", "best_test_error_pct_std",
                  "diff_vs_constant_pct", "diff_ci95_low_pct", "diff_ci95_high_pct", "welch_df", "p_value",
                  "verdict", "paper_diff_pct", "pooled_std_pct", "seeds_needed_80pct_power"]
 TABLE2_FIELDS = ["dataset", "depth", "pL", "survival", "variant", "epochs", "n",
@@ -49,6 +53,12 @@ TABLE1_NOTE = ("Mean ± sample std over n seeds. Paper: Huang et al. 2016, Table
                "distinguishable with these seeds; with one seed on a side there is no interval and no p-value.")
 SEEDS_TITLE = ("Seeds needed: for the paper's difference of the setting, the seeds per side that would detect it "
                "with 80 % power given the spread observed here")
+# results.json "selection" of a run without a validation set (ImageNet by default): the test error
+# reported is the last epoch's, where fb.resnet.torch prints the lowest over the epochs.
+LAST_EPOCH = "last_epoch"
+SELECTION_TITLE = ("No validation set (ImageNet): the test error shown is the last epoch's top-1; fb.resnet.torch "
+                   "prints the best over epochs (' * Finished top1', the lowest test top-1 of any epoch, so "
+                   "selected on the test set)")
 TABLE2_TITLE = "Table 2: training time (training passes only, evaluation excluded)"
 TABLE2_NOTE = ("Ratio: time per epoch over that of the constant-depth runs of the same setting (ratio of the "
                "means). 95 % CI: Welch's interval on the log of the per-epoch times, exponentiated, so an interval "
@@ -71,8 +81,38 @@ def table1_rows(groups: list[Group]) -> list[dict]:
         rows.append({**_setting(g), "seeds": " ".join(str(r.seed) for r in sorted(g.runs, key=lambda r: r.seed)),
                      "test_error_pct_mean": mean, "test_error_pct_std": g.std(HEADLINE),
                      "paper_test_error_pct": ref, "diff_vs_paper_pct": None if ref is None else mean - ref,
-                     **_vs_constant(g, constant[g.cohort])})
+                     **_best_over_epochs(g), **_vs_constant(g, constant[g.cohort])})
     return rows
+
+
+def _best_over_epochs(g: Group) -> dict:
+    """The group's selection and, for runs without a validation set only, the mean and std of their
+    lowest test error over the epochs (results.json best_test_error_pct: fb.resnet.torch's number).
+    None where a run lacks it (results.json written before the key) and for best-validation rows,
+    where a minimum over the test set is no valid selection."""
+    selection = g.selection()
+    out = {"selection": selection, "best_test_error_pct_mean": None, "best_test_error_pct_std": None}
+    values = g.optional_values("best_test_error_pct") if selection == LAST_EPOCH else None
+    if values:
+        out.update(best_test_error_pct_mean=statistics.fmean(values),
+                   best_test_error_pct_std=statistics.stdev(values) if len(values) > 1 else None)
+    return out
+
+
+def selection_notes(rows: list[dict]) -> list[str]:
+    """Under Table 1: for each row without a validation set, its last-epoch figure and the best over epochs."""
+    notes = []
+    for r in rows:
+        if r["selection"] != LAST_EPOCH:
+            continue
+        head = (f"{r['dataset']} depth {r['depth']} {_model(r)}" + (f" ({r['variant']})" if r["variant"] else "")
+                + f": last epoch {_format_mean_std(r['test_error_pct_mean'], r['test_error_pct_std'])}, ")
+        if r["best_test_error_pct_mean"] is None:
+            notes.append(head + "best over epochs not recorded (results.json without best_test_error_pct)")
+        else:
+            notes.append(head + "best over epochs "
+                         + _format_mean_std(r["best_test_error_pct_mean"], r["best_test_error_pct_std"]))
+    return notes
 
 
 def _vs_constant(g: Group, base: Group | None) -> dict:
@@ -241,14 +281,17 @@ def markdown(t1: list[dict], t2: list[dict], notes: list[str]) -> str:
     needed = seeds_notes(t1)
     if needed:
         parts += [f"{SEEDS_TITLE}:\n", *[f"- {n}" for n in needed], ""]
+    last_epoch = selection_notes(t1)
+    if last_epoch:
+        parts += [f"{SELECTION_TITLE}:\n", *[f"- {n}" for n in last_epoch], ""]
     parts += [f"## {TABLE2_TITLE}\n", render(*table2_display(t2), "github"), f"\n{TABLE2_NOTE}\n"]
     if notes:
         parts += ["Not averaged together:\n", *[f"- {n}" for n in notes], ""]
     return "\n".join(parts)
 
 
-def latex_notes(notes: list[str]) -> str:
-    """The seeds-needed notes as text under the tabular (escaped for LaTeX); '' without any."""
+def latex_notes(notes: list[str], title: str = SEEDS_TITLE) -> str:
+    """Notes (by default the seeds-needed ones) as text under the tabular (escaped for LaTeX); '' without any."""
     if not notes:
         return ""
     swaps = {"\\": r"\textbackslash{}", "%": r"\%", "_": r"\_", "&": r"\&", "#": r"\#", "$": r"\$",
@@ -258,7 +301,7 @@ def latex_notes(notes: list[str]) -> str:
 
     def tex(text: str) -> str:  # one pass, so a replacement is never escaped again
         return special.sub(lambda m: swaps[m.group(0)], text)
-    return "\n".join([f"\\par\\smallskip\\footnotesize {tex(SEEDS_TITLE)}:",
+    return "\n".join([f"\\par\\smallskip\\footnotesize {tex(title)}:",
                       *[f"\\par {tex(n)}" for n in notes]]) + "\n"
 
 
@@ -275,7 +318,8 @@ def write_outputs(out: Path, t1: list[dict], t2: list[dict], md: str) -> list[Pa
     out.mkdir(parents=True, exist_ok=True)
     files = {
         "tables.md": md,
-        "table1.tex": render(*table1_display(t1), "latex_booktabs") + "\n" + latex_notes(seeds_notes(t1)),
+        "table1.tex": render(*table1_display(t1), "latex_booktabs") + "\n" + latex_notes(seeds_notes(t1))
+        + latex_notes(selection_notes(t1), SELECTION_TITLE),
         "table2.tex": render(*table2_display(t2), "latex_booktabs") + "\n",
         "table1.csv": csv_text(TABLE1_FIELDS, t1),
         "table2.csv": csv_text(TABLE2_FIELDS, t2),

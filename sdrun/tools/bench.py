@@ -8,7 +8,7 @@ that config trains with (sdrun.tools.stepper). With the defaults that is fidelit
 network (subsampling shortcuts, BatchNorm gamma ~ U(0, 1)), as `sdrun train` builds it.
 The overrides, in this order: dataset=digits (embedded, 32x32x3 like CIFAR, no files; unless
 --set names another dataset, e.g. --set dataset=cifar10 --set dataset.root=DIR),
-depth=--depth, batch_size=--batch-size, device=--device, precision=--precision,
+depth=--depth, batch_size=--batch-size, device=--device, precision=--precision (if given),
 eval_batch_size=--eval-batch-size, then every --set KEY=VALUE (e.g. --set fidelity=paper,
 --set seed=2, --set speed=compile), then what a section varies, which wins over --set (pL;
 speed in compile and --speed; channels_last in layout; epochs, max_steps_per_epoch and
@@ -104,6 +104,8 @@ def overrides(a: argparse.Namespace, **keys) -> list[str]:
     named = {kv.split("=", 1)[0].lstrip("+~") for kv in a.set}
     options = {"depth": a.depth, "batch_size": a.batch_size, "device": a.device, "precision": a.precision,
                "eval_batch_size": a.eval_batch_size}
+    if a.precision is None:  # the config's own, as `sdrun train` runs it
+        del options["precision"]
     return ([] if "dataset" in named else ["dataset=digits"]) + \
         [f"{k}={v}" for k, v in options.items() if k not in keys] + a.set + [f"{k}={v}" for k, v in keys.items()]
 
@@ -434,8 +436,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=500, help="eval_batch_size= (default 500)")
     p.add_argument("--compile-warmup", type=int, default=10, help="untimed steps that compile the branches")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU) for this process")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "tf32", "bf16"),
-                   help="precision= of every section (auto: tf32 on CUDA, fp32 on the CPU)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "tf32", "bf16"),
+                   help="precision= of every section (default: the config's, as `sdrun train` runs it: fp32 under "
+                        "fidelity=reference, auto = tf32 on CUDA and fp32 on the CPU under fidelity=paper)")
     p.add_argument("--speed", default=None, metavar="MODES",
                    help="the speed section for these speed= modes, e.g. eager,compile,graphs (graphs: CUDA only)")
     p.add_argument("--concurrent", type=int_list, default=None, metavar="KS",
