@@ -8,10 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench gpu-bundle clean
 
+# PYTHONWARNINGS: setuptools prints an information-only notice ("Editable installation ... be
+# careful with folders ... with the same name as your package") for every editable install whose
+# package folders are mapped (conf/ -> sdrun.conf); it asks nothing of us, so the install stays quiet.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
