@@ -73,9 +73,9 @@ def _without_md5(cls):
     return type(f"Unchecked{cls.__name__}", (cls,), attrs)
 
 
-def _reason(e: BaseException, path: str) -> str:
-    """PIL's or the OS's message without the path (the caller names the file once)."""
-    return getattr(e, "strerror", None) or str(e).replace(f" {path!r}", "")
+def _unreadable(path: str, e: BaseException) -> str:
+    """"PATH (reason)": PIL's or the OS's message with the path named once."""
+    return f"{path} ({getattr(e, 'strerror', None) or str(e).replace(f' {path!r}', '')})"
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -86,7 +86,7 @@ def open_rgb(path: str) -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, SyntaxError) as e:
-        raise OSError(f"{path} ({_reason(e, path)})") from None
+        raise OSError(_unreadable(path, e)) from None
 
 
 def _read_image_folder(folder: Path, size: int) -> tuple[np.ndarray, list[int], list[str], list[str]]:
@@ -245,7 +245,7 @@ def _sample_images(root: str, folders: list[Path]) -> str | None:
                 with Image.open(path) as im:
                     im.verify()
             except (OSError, SyntaxError) as e:
-                bad.append(f"{path} ({_reason(e, path)})")
+                bad.append(_unreadable(path, e))
     if bad:
         return (f"dataset.root={root}: {len(bad)} of the {checked} image files sampled ({SAMPLE_PER_CLASS} per "
                 f"class folder) cannot be read as images, the first: {bad[0]}")

@@ -242,27 +242,21 @@ class LowestTest:
     Kept in the run's checkpointed `best` dict so a resumed run ends with the same numbers; a run
     resumed from a checkpoint written before sdrun kept it cannot know, and reports None."""
 
-    ERROR, EPOCH = "lowest_test_error_pct", "lowest_test_epoch"
+    KEY = "lowest_test"  # [error %, epoch] in `best`; absent after a resume from an older checkpoint
 
     def __init__(self, best: dict, resumed: bool):
         self.best = best
-        if self.ERROR not in best:
-            best[self.ERROR] = None
-            best[self.EPOCH] = "unknown" if resumed else None  # an older checkpoint's run: unknowable
-
-    @property
-    def known(self) -> bool:
-        return self.best[self.EPOCH] != "unknown"
+        if not resumed:
+            best.setdefault(self.KEY, [None, None])
 
     def see(self, test_error_pct: float | None, epoch: int) -> None:
-        current = self.best[self.ERROR]
-        if self.known and test_error_pct is not None and (current is None or test_error_pct < current):
-            self.best.update({self.ERROR: test_error_pct, self.EPOCH: epoch})
+        lowest = self.best.get(self.KEY)
+        if lowest is not None and test_error_pct is not None and (lowest[0] is None or test_error_pct < lowest[0]):
+            self.best[self.KEY] = [test_error_pct, epoch]
 
     def results(self) -> dict:
-        if not self.known:
-            return {"best_test_error_pct": None, "best_test_epoch": None}
-        return {"best_test_error_pct": self.best[self.ERROR], "best_test_epoch": self.best[self.EPOCH]}
+        error, epoch = self.best.get(self.KEY) or (None, None)
+        return {"best_test_error_pct": error, "best_test_epoch": epoch}
 
 
 def check_finite(stats: EpochStats, epoch: int, state: TrainState, run_dir: Path, checkpointing: bool) -> None:
